@@ -1,0 +1,1 @@
+"""preftune: preference alignment for causal language models."""
