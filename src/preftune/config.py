@@ -1,0 +1,354 @@
+"""Typed configuration: one dataclass per section, built from YAML plus ``dotted.key=value`` overrides.
+
+Every key is declared here with its default. Unknown keys, wrong types and missing required values fail
+with a :class:`ConfigError` that names the key; nothing is silently ignored. Only the section of the
+selected ``method`` may be given (a ``simpo:`` section in a DPO run would be ignored, so it is an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration. The message names the key."""
+
+
+# --- model and data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge: bool = False  # also save the adapter merged into the base weights (model/ then holds full weights)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    disable_dropout: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ColumnsConfig:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    score_chosen: str = "score_chosen"
+    score_rejected: str = "score_rejected"
+    margin: str = "margin"
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # required: file, save_to_disk folder or hub id
+    eval: str | None = None
+    eval_fraction: float = 0.0  # used only when `eval` is not given
+    split: str = "train"  # split name for hub datasets / DatasetDict folders
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    max_length: int = 512
+    max_prompt_length: int = 256
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/preftune"
+    seed: int = 0
+    batch_size: int = 4  # pairs per micro-batch per process
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # optimizer steps; 0 = only at the end (when there is eval data)
+    eval_batch_size: int = 8
+    save_every: int = 0  # optimizer steps; 0 = only the final model
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    precompute_ref: bool = True  # compute reference log-probs once before training
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (accelerate trackers)
+    progress: bool = True
+
+
+# --- methods: one section each --------------------------------------------------------------------------
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class IPOConfig:
+    beta: float = 0.1
+
+
+@dataclass
+class HingeConfig:
+    beta: float = 0.1
+
+
+@dataclass
+class RPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0
+
+
+@dataclass
+class ODPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0
+    offset: str = "log"  # log | identity | log_ratio
+
+
+@dataclass
+class SimPOConfig:
+    beta: float = 2.0
+    gamma: float = 1.0  # absolute target margin (the paper's gamma/beta ratio times beta)
+
+
+@dataclass
+class RewardModelConfig:
+    use_margin: bool = True  # subtract the data's `margin` column when present
+
+
+METHOD_SECTIONS: dict[str, type] = {
+    "dpo": DPOConfig,
+    "ipo": IPOConfig,
+    "hinge": HingeConfig,
+    "rpo": RPOConfig,
+    "odpo": ODPOConfig,
+    "simpo": SimPOConfig,
+    "reward_model": RewardModelConfig,
+}
+REFERENCE_FREE = {"simpo", "reward_model"}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dpo: DPOConfig | None = None
+    ipo: IPOConfig | None = None
+    hinge: HingeConfig | None = None
+    rpo: RPOConfig | None = None
+    odpo: ODPOConfig | None = None
+    simpo: SimPOConfig | None = None
+    reward_model: RewardModelConfig | None = None
+
+    @property
+    def method_config(self) -> Any:
+        return getattr(self, self.method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building from dicts --------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return build_dataclass(tp, value, prefix=key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (got null)")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-6 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build ``cls`` from ``values``; unknown keys and bad types raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "top level"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def train_config_from_dict(raw: dict, *, source: str = "config") -> TrainConfig:
+    raw = dict(raw)
+    method = raw.get("method", "dpo")
+    if method not in METHOD_SECTIONS:
+        raise ConfigError(f"{source}: method {method!r} is not one of {', '.join(METHOD_SECTIONS)}")
+    others = [m for m in METHOD_SECTIONS if m != method and raw.get(m) is not None]
+    if others:
+        raise ConfigError(
+            f"{source}: section(s) {', '.join(others)} given but method is {method!r}; "
+            "they would be ignored, so remove them or change `method`"
+        )
+    raw.setdefault(method, {})
+    if raw[method] is None:
+        raw[method] = {}
+    try:
+        cfg = build_dataclass(TrainConfig, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    validate_train_config(cfg, source)
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return train_config_from_dict(raw, source=str(path))
+
+
+def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
+    def bad(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    if not cfg.data.train:
+        bad("data.train is required (a JSONL/JSON/CSV/Parquet file, a save_to_disk folder or a hub id)")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        bad(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        bad(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length})"
+        )
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        bad(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    t = cfg.training
+    for name in ("batch_size", "grad_accum", "epochs", "log_every", "eval_batch_size"):
+        if getattr(t, name) < 1:
+            bad(f"training.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_steps is not None and t.max_steps < 1:
+        bad(f"training.max_steps must be >= 1, got {t.max_steps}")
+    if t.learning_rate <= 0:
+        bad(f"training.learning_rate must be > 0, got {t.learning_rate}")
+    if t.lr_scheduler not in ("linear", "cosine", "constant"):
+        bad(f"training.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
+    if len(t.adam_betas) != 2:
+        bad("training.adam_betas must have two values")
+    for name in t.report_to:
+        if name not in ("tensorboard", "wandb"):
+            bad(f"training.report_to: unknown tracker {name!r} (tensorboard, wandb)")
+    m = cfg.method_config
+    if hasattr(m, "beta") and m.beta <= 0:
+        bad(f"{cfg.method}.beta must be > 0, got {m.beta}")
+    if cfg.method == "dpo" and not 0.0 <= m.label_smoothing < 0.5:
+        bad(f"dpo.label_smoothing must be in [0, 0.5), got {m.label_smoothing}")
+    if cfg.method == "odpo":
+        if m.offset not in ("log", "identity", "log_ratio"):
+            bad(f"odpo.offset must be log, identity or log_ratio, got {m.offset!r}")
+        if m.alpha < 0:
+            bad(f"odpo.alpha must be >= 0, got {m.alpha}")
+    if cfg.method == "rpo" and m.alpha < 0:
+        bad(f"rpo.alpha must be >= 0, got {m.alpha}")
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

