@@ -60,7 +60,9 @@ def token_logps(
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
         logits = _project(head, hidden[:, :-1][targets_mask])  # (M, V) fp32
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][targets_mask].float()
+        logits = (
+            model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][targets_mask].float()
+        )
     logps = -F.cross_entropy(logits, targets, reduction="none")  # (M,) = log_softmax(logits)[targets]
     return logps, rows
 
@@ -117,7 +119,9 @@ def score_responses(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_token_id)
-        s, n = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask")))
+        s, n = sequence_logps(
+            model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+        )
         sums.append(s.cpu())
         lengths.append(n.cpu())
     out_s = torch.empty(len(prompts), dtype=torch.float32)

@@ -1,0 +1,30 @@
+"""The data layer: rows -> examples -> batch (load, validate, tokenise, collate). See docs/data.md."""
+
+from preftune.data.collate import collate_pairs, collate_prompts
+from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
+from preftune.data.tokenize import (
+    TokenizeStats,
+    prompt_ids,
+    response_ids,
+    split_implicit_prompt,
+    tokenize_pair,
+    tokenize_rows,
+)
+from preftune.data.types import DataError, PairExample
+
+__all__ = [
+    "FIELDS",
+    "DataError",
+    "PairExample",
+    "TokenizeStats",
+    "collate_pairs",
+    "collate_prompts",
+    "load_rows",
+    "prompt_ids",
+    "response_ids",
+    "split_implicit_prompt",
+    "split_rows",
+    "tokenize_pair",
+    "tokenize_rows",
+    "validate_rows",
+]

@@ -1,0 +1,73 @@
+"""The ``preftune`` command line: train, validate, show-config, experiment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, dump_yaml, load_train_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, what: str = "CONFIG.yaml") -> None:
+    p.add_argument("config", metavar=what)
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preftune",
+        description="Preference alignment for causal language models (DPO family, ODPO, SimPO, reward models).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p = sub.add_parser("validate", help="check config, data and model; print what training would do")
+    _add_config_args(p)
+    p.add_argument("--no-model", action="store_true", help="skip loading the model weights")
+    p = sub.add_parser("show-config", help="print the resolved config")
+    _add_config_args(p)
+    p = sub.add_parser(
+        "experiment",
+        help="run the controlled sentiment experiment (sample, score, pair, train, evaluate, plot)",
+    )
+    _add_config_args(p, "CONFIG.yaml|quick|full")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "experiment":
+            from .experiments.pipeline import load_experiment_config, run_experiment
+
+            run_experiment(load_experiment_config(args.config, args.overrides))
+            return 0
+        cfg = load_train_config(args.config, args.overrides)
+        if args.command == "show-config":
+            print(dump_yaml(cfg.to_dict()), end="")
+            return 0
+        from .training import train, validate
+
+        if args.command == "validate":
+            summary = validate(cfg, load_weights=not args.no_model)
+            print(json.dumps(summary, indent=2))
+            print("ok: config, data and model are valid")
+            return 0
+        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(f"done: {run_dir}")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

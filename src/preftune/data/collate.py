@@ -1,0 +1,74 @@
+"""Collate tokenised pairs into a batch (examples -> batch).
+
+:func:`collate_pairs` stacks chosen and rejected so one forward pass scores both (as in the
+reference DPO code's ``concatenated_forward``): rows ``0..B-1`` are prompt + chosen, rows
+``B..2B-1`` prompt + rejected, right-padded. Masks come from the token positions, never from
+the pad id (SmolLM2's pad id equals its EOS id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from preftune.data.types import PairExample
+
+
+def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Batch ``B`` pairs; ``T`` is the longest prompt + response.
+
+    Returns
+      ``input_ids``       (2B, T) long, right-padded with ``pad_token_id``;
+      ``attention_mask``  (2B, T) long, 1 on real tokens;
+      ``response_mask``   (2B, T) bool, True exactly at response tokens, so the log-prob of
+                          ``input_ids[:, t]`` given ``input_ids[:, :t]`` counts where it is True;
+      ``index``           (B,) long, the examples' ``index``;
+      ``chosen_lengths``, ``rejected_lengths``  (B,) long, response token counts;
+      ``score_chosen``, ``score_rejected``  (B,) float32, only if every example has both;
+      ``margin``          (B,) float32, only if every example has one.
+    """
+    if not examples:
+        raise ValueError("collate_pairs needs at least one example")
+    sequences = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [
+        (ex.prompt_ids, ex.rejected_ids) for ex in examples
+    ]
+    T = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (2B, T)
+    response_mask = torch.zeros((len(sequences), T), dtype=torch.bool)  # (2B, T)
+    for row, (prompt, response) in enumerate(sequences):
+        n_prompt, n = len(prompt), len(prompt) + len(response)
+        input_ids[row, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        attention_mask[row, :n] = 1
+        response_mask[row, n_prompt:n] = True
+
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "index": torch.tensor([ex.index for ex in examples], dtype=torch.long),  # (B,)
+        "chosen_lengths": torch.tensor([len(ex.chosen_ids) for ex in examples], dtype=torch.long),
+        "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples], dtype=torch.long),
+    }
+    if all(ex.score_chosen is not None and ex.score_rejected is not None for ex in examples):
+        batch["score_chosen"] = torch.tensor([ex.score_chosen for ex in examples], dtype=torch.float32)
+        batch["score_rejected"] = torch.tensor([ex.score_rejected for ex in examples], dtype=torch.float32)
+    if all(ex.margin is not None for ex in examples):
+        batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def collate_prompts(prompt_id_lists: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation: ``input_ids`` (N, T) long, ``attention_mask`` (N, T) long."""
+    if not prompt_id_lists:
+        raise ValueError("collate_prompts needs at least one prompt")
+    if any(len(ids) == 0 for ids in prompt_id_lists):
+        raise ValueError("collate_prompts cannot generate from an empty prompt")
+    T = max(len(ids) for ids in prompt_id_lists)
+    input_ids = torch.full((len(prompt_id_lists), T), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(prompt_id_lists), T), dtype=torch.long)  # (N, T)
+    for row, ids in enumerate(prompt_id_lists):
+        input_ids[row, T - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, T - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,354 @@
+"""Load preference rows from files, ``save_to_disk`` folders or the hub; validate and split them.
+
+A row is a plain dict with our field names (:data:`FIELDS`) plus ``_source``, a human-readable
+location used in every error message:
+
+====================  ==========================================================
+source                ``_source``
+====================  ==========================================================
+``.jsonl`` (and       ``"<path> line N"``, 1-based; blank lines are skipped but
+JSON Lines ``.json``) counted
+``.json`` (a list)    ``"<path> record N"``, 0-based
+``.csv``              ``"<path> line N"``, the header is line 1
+``.parquet``          ``"<path> record N"``, 0-based
+``save_to_disk``      ``"<path> record N"``, 0-based (a DatasetDict: the ``split``)
+hub id                ``"<owner/name> [<split>] record N"``, 0-based
+====================  ==========================================================
+
+Missing values (JSON ``null``, parquet nulls, empty CSV cells) count as absent fields.
+CSV cells are strings, so conversational data (lists of messages) cannot be stored in CSV;
+the score and margin columns are converted to floats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Mapping
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from preftune.data.tokenize import split_implicit_prompt
+from preftune.data.types import DataError
+
+FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")
+TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
+NUMBER_FIELDS: tuple[str, ...] = ("score_chosen", "score_rejected", "margin")
+MESSAGE_KEYS: frozenset[str] = frozenset({"role", "content"})
+
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def load_rows(
+    spec: str | os.PathLike, *, columns: Mapping[str, str] | None = None, split: str = "train"
+) -> list[dict]:
+    """Read rows from ``spec``: a file, a ``save_to_disk`` folder, or a hub dataset id.
+
+    ``columns`` maps our field names to the source's column names (``{"chosen": "response_a"}``);
+    fields not named keep their own name. Only our fields (and ``_source``) are kept.
+    Rows are not validated here: call :func:`validate_rows`.
+    """
+    mapping = _column_mapping(columns)
+    path = Path(spec)
+    name = str(spec)
+    if path.is_dir():
+        return _load_saved_dataset(path, name, mapping, split)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _load_json_lines(path, name, mapping)
+        if suffix == ".json":
+            return _load_json(path, name, mapping)
+        if suffix == ".csv":
+            return _load_csv(path, name, mapping)
+        if suffix == ".parquet":
+            return _load_parquet(path, name, mapping)
+        raise DataError(
+            f"{name}: unsupported file type {suffix!r}; expected one of {', '.join(_SUFFIXES)} "
+            "or a folder written by datasets' save_to_disk"
+        )
+    if _HUB_ID.match(name) and path.suffix.lower() not in _SUFFIXES:
+        return _load_hub(name, mapping, split)
+    raise DataError(f"{name}: file not found (and it does not look like a hub dataset id 'owner/name')")
+
+
+def _column_mapping(columns: Mapping[str, str] | None) -> dict[str, str]:
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(FIELDS))
+    if unknown:
+        raise DataError(f"data.columns: unknown field(s) {unknown}; the fields are {list(FIELDS)}")
+    for field, column in columns.items():
+        if not isinstance(column, str) or not column:
+            raise DataError(
+                f"data.columns.{field}: the column name must be a non-empty string, got {column!r}"
+            )
+    return {field: columns.get(field, field) for field in FIELDS}
+
+
+def _project(raw: Mapping[str, Any], mapping: dict[str, str], source: str) -> dict:
+    """Rename the source's columns to our fields, keep only those; ``None`` counts as absent."""
+    row = {field: raw[column] for field, column in mapping.items() if raw.get(column) is not None}
+    row["_source"] = source
+    return row
+
+
+def _check_columns(present: list[str], mapping: dict[str, str], name: str) -> None:
+    """A column the user renamed explicitly must exist in a tabular source."""
+    for field, column in mapping.items():
+        if column != field and column not in present:
+            raise DataError(
+                f"{name}: column {column!r} (mapped to field {field!r}) not found; the columns are {present}"
+            )
+
+
+def _load_json_lines(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{name} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+            rows.append(_project(record, mapping, source))
+    return rows
+
+
+def _load_json(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
+    """A ``.json`` file holds either one list of objects or JSON Lines."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return _load_json_lines(path, name, mapping)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name} line {e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    rows = []
+    for number, record in enumerate(records):
+        source = f"{name} record {number}"
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        rows.append(_project(record, mapping, source))
+    return rows
+
+
+def _load_csv(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return []
+        _check_columns(header, mapping, name)
+        while True:
+            number = reader.line_num + 1  # the physical line this record starts on
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"{name} line {number}: malformed CSV: {e}") from None
+            if not cells:
+                continue  # blank line
+            source = f"{name} line {number}"
+            if len(cells) != len(header):
+                raise DataError(f"{source}: expected {len(header)} cells (the header's), got {len(cells)}")
+            raw = {column: cell for column, cell in zip(header, cells) if cell != ""}
+            row = _project(raw, mapping, source)
+            for field in NUMBER_FIELDS:
+                if field in row:
+                    try:
+                        row[field] = float(row[field])
+                    except ValueError:
+                        raise DataError(f"{source}: field {field!r}: not a number: {row[field]!r}") from None
+            rows.append(row)
+    return rows
+
+
+def _load_parquet(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for bad files
+        raise DataError(f"{name}: cannot read parquet: {e}") from e
+    _check_columns(table.column_names, mapping, name)
+    return [_project(r, mapping, f"{name} record {i}") for i, r in enumerate(table.to_pylist())]
+
+
+def _load_saved_dataset(path: Path, name: str, mapping: dict[str, str], split: str) -> list[dict]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: not a folder written by datasets' save_to_disk ({e})") from e
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{name}: no split {split!r}; the splits are {list(data)}")
+        data = data[split]
+    _check_columns(data.column_names, mapping, name)
+    return [_project(r, mapping, f"{name} record {i}") for i, r in enumerate(data.to_list())]
+
+
+def _load_hub(name: str, mapping: dict[str, str], split: str) -> list[dict]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, auth and missing-dataset errors all land here
+        raise DataError(
+            f"{name}: not a local path, and loading it as a hub dataset (split {split!r}) failed; "
+            f"hub datasets need network access. Cause: {type(e).__name__}: {e}"
+        ) from e
+    _check_columns(data.column_names, mapping, name)
+    return [_project(r, mapping, f"{name} [{split}] record {i}") for i, r in enumerate(data.to_list())]
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+
+def validate_rows(
+    rows: list[dict], *, require_scores: bool = False, require_margin: bool = False, max_errors: int = 10
+) -> None:
+    """Check every row; raise one :class:`DataError` listing up to ``max_errors`` problems.
+
+    Each problem reads ``"<_source>: field '<name>': <what is wrong>"``. Accepted formats:
+    standard (``prompt``/``chosen``/``rejected`` non-empty strings), conversational (all three
+    non-empty lists of ``{"role": str, "content": str}`` messages) and implicit prompt (no
+    ``prompt``; ``chosen`` and ``rejected`` are full conversations sharing a prefix, see
+    :func:`preftune.data.tokenize.split_implicit_prompt`).
+    """
+    problems: list[str] = []
+    for i, row in enumerate(rows):
+        problems.extend(_row_problems(row, i, require_scores=require_scores, require_margin=require_margin))
+    if problems:
+        shown = problems[:max_errors]
+        lines = [f"{len(problems)} problem(s) in {len(rows)} row(s):"] + [f"  {p}" for p in shown]
+        if len(problems) > len(shown):
+            lines.append(f"  ... and {len(problems) - len(shown)} more")
+        raise DataError("\n".join(lines))
+
+
+def _row_problems(row: dict, i: int, *, require_scores: bool, require_margin: bool) -> list[str]:
+    source = row.get("_source", f"row {i}")
+    problems: list[str] = []
+
+    def bad(field: str, what: str) -> None:
+        problems.append(f"{source}: field {field!r}: {what}")
+
+    kinds: dict[str, str] = {}  # field -> "string" | "messages", for the fields that are well formed
+    for field in TEXT_FIELDS:
+        if field not in row:
+            if field != "prompt":
+                bad(field, "missing")
+            continue
+        kind, what = _text_kind(row[field])
+        if what:
+            bad(field, what)
+        else:
+            kinds[field] = kind
+
+    if "prompt" not in row and kinds.get("chosen") == kinds.get("rejected") == "string":
+        bad("prompt", "missing (only conversational data may leave the prompt implicit)")
+    reference = "prompt" if "prompt" in row else "chosen"
+    for field in ("chosen", "rejected"):
+        if field != reference and reference in kinds and field in kinds and kinds[field] != kinds[reference]:
+            bad(field, f"is {_a(kinds[field])} but {reference!r} is {_a(kinds[reference])}")
+    for field in ("chosen", "rejected"):
+        if kinds.get(field) == "messages" and row[field][-1]["role"] != "assistant":
+            bad(field, f"the last message must have role 'assistant', not {row[field][-1]['role']!r}")
+
+    if not problems and "prompt" not in row:
+        try:
+            split_implicit_prompt(row)
+        except DataError as e:
+            problems.append(str(e))
+
+    for field in NUMBER_FIELDS:
+        if field in row:
+            value = row[field]
+            if isinstance(value, bool) or not isinstance(value, Real):
+                bad(field, f"must be a number, got {type(value).__name__} {value!r}")
+            elif not math.isfinite(value):
+                bad(field, f"must be finite, got {value!r}")
+    if require_scores:
+        for field in ("score_chosen", "score_rejected"):
+            if field not in row:
+                bad(field, "missing (this method needs scores)")
+    if require_margin and "margin" not in row:
+        bad("margin", "missing (this method needs a margin)")
+    return problems
+
+
+def _text_kind(value: Any) -> tuple[str, str]:
+    """``("string" | "messages", "")`` for a good value, ``("", what is wrong)`` otherwise."""
+    if isinstance(value, str):
+        return ("string", "") if value.strip() else ("", "empty text")
+    if isinstance(value, list):
+        if not value:
+            return "", "empty list of messages"
+        for k, message in enumerate(value):
+            if not isinstance(message, dict):
+                return (
+                    "",
+                    f"message {k}: must be an object with 'role' and 'content', got {type(message).__name__}",
+                )
+            unknown = sorted(set(message) - MESSAGE_KEYS)
+            if unknown:
+                return "", f"message {k}: unknown key(s) {unknown}; messages have only 'role' and 'content'"
+            for key in ("role", "content"):
+                if key not in message:
+                    return "", f"message {k}: missing {key!r}"
+                if not isinstance(message[key], str):
+                    return "", f"message {k}: {key!r} must be a string, got {type(message[key]).__name__}"
+            if not message["role"]:
+                return "", f"message {k}: empty role"
+        if not value[-1]["content"].strip():
+            return "", f"message {len(value) - 1}: empty content"
+        return "messages", ""
+    return "", (
+        "must be a non-empty string or a non-empty list of {'role', 'content'} messages, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _a(kind: str) -> str:
+    return "a string" if kind == "string" else "a list of messages"
+
+
+# --- splitting -----------------------------------------------------------------------------------------
+
+
+def split_rows(rows: list[dict], *, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split rows into (train, eval) by a seeded shuffle; each part keeps the original order.
+
+    The eval part has ``round(len(rows) * eval_fraction)`` rows, but at least one when
+    ``eval_fraction > 0`` and at most ``len(rows) - 1``, so train is never empty
+    (a single row always goes to train). ``eval_fraction`` must be in ``[0, 1)``.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(rows)
+    n_eval = 0
+    if eval_fraction > 0 and n > 1:
+        n_eval = min(max(1, round(n * eval_fraction)), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    eval_indices = set(order[:n_eval])
+    train = [row for i, row in enumerate(rows) if i not in eval_indices]
+    evaluation = [row for i, row in enumerate(rows) if i in eval_indices]
+    return train, evaluation

@@ -1,0 +1,81 @@
+"""Checkpoints in one format: ``checkpoints/step-NNNNNNN/`` holding ``model/`` (the standard
+save_pretrained folder, or the LoRA adapter), ``optimizer.pt`` and ``scheduler.pt`` (plain tensor dicts,
+loaded with ``weights_only=True``), ``rng.safetensors`` and ``trainer_state.json``. Each is written to a
+temporary folder and renamed, so a checkpoint either exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models import save_model
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep: int
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, tokenizer, tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    save_file(_rng_state(), tmp / "rng.safetensors")
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(ckpt: Path, *, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from ``ckpt``; returns the trainer state (``step`` etc.).
+
+    The model weights are loaded by the caller from ``ckpt / "model"`` through the model-loading path.
+    """
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(load_file(ckpt / "rng.safetensors"))
+    return json.loads((ckpt / STATE_FILE).read_text())
