@@ -197,6 +197,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if value is None:
         raise ConfigError(f"{key}: a value is required (got null)")
+    if tp is dict:  # free-form mapping, checked by whoever consumes it
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

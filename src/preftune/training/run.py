@@ -172,9 +172,14 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     on_step_end: Callable[[int, dict], None] | None = None,
+    ref_logps_file: Path | None = None,
     log=print,
 ) -> Path:
-    """Train per ``cfg``; returns the run directory (final model in ``<run_dir>/model``)."""
+    """Train per ``cfg``; returns the run directory (final model in ``<run_dir>/model``).
+
+    ``ref_logps_file``: reference log-probs already computed for exactly this data and starting model
+    (the experiment shares one across its runs); it is copied into the run directory and used as is.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -200,6 +205,8 @@ def train(
     else:
         family = PairFamily(cfg, prep.examples, prep.tokenizer.pad_token_id, device)
         if family.needs_ref:
+            if ref_logps_file is not None and resume_from is None:
+                shutil.copyfile(ref_logps_file, run_dir / "ref_logps.safetensors")
             _setup_reference(cfg, prep, family, model, run_dir, resume_from, log)
 
     eval_fn = None
@@ -258,6 +265,11 @@ def _setup_reference(cfg, prep, family: PairFamily, model, run_dir: Path, resume
         return
     if cache.is_file():
         family.ref = load_file(cache)
+        for split, examples in prep.examples.items():
+            if split not in family.ref or family.ref[split].shape != (len(examples), 2):
+                raise RuntimeError(
+                    f"{cache} does not match the data ({split}: {len(examples)} pairs); delete it"
+                )
         return
     if resume_from is not None and not cfg.model.lora.enabled:
         raise RuntimeError(f"{cache} is missing: cannot rebuild reference log-probs from a trained policy")

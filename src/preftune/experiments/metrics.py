@@ -1,0 +1,103 @@
+"""Evaluation metrics of the controlled experiment (pure numpy; tensors are accepted).
+
+- :func:`mean_and_se`: mean reward with its standard error.
+- :func:`sequence_kl`: the sequence-level KL(π_θ‖π_ref) estimate of the DPO paper §6.1.
+- :func:`win_rate`: policy vs base reward, paired by prompt and sample slot.
+- :func:`avg_logp_agreement`: SimPO's diagnostic (Meng et al. 2024, arXiv 2405.14734,
+  §2.2): how often the length-averaged log-likelihood ranks a pair like the preference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _as_array(values, name: str) -> np.ndarray:
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().double().numpy()
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{names}: lengths differ ({len(a)} vs {len(b)})")
+    if len(a) == 0:
+        raise ValueError(f"{names}: empty")
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean: se = std(ddof=1) / sqrt(n).
+
+    A single value has se 0.0; an empty input raises ``ValueError``.
+    Example: [1, 2, 3, 4] -> mean 2.5, std = sqrt(5/3) = 1.2910, se = 1.2910 / 2 = 0.6455.
+    """
+    arr = _as_array(values, "values")
+    n = len(arr)
+    if n == 0:
+        raise ValueError("mean_and_se of an empty sequence")
+    if n == 1:
+        return float(arr[0]), 0.0
+    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(n))
+
+
+def sequence_kl(policy_logps: Sequence[float], ref_logps: Sequence[float]) -> tuple[float, float]:
+    """Monte-Carlo estimate of the sequence-level KL(π_θ‖π_ref) and its standard error.
+
+    For samples y_i ~ π_θ(·|x_i) (one entry per sample; ``policy_logps[i]`` =
+    log π_θ(y_i|x_i) and ``ref_logps[i]`` = log π_ref(y_i|x_i), summed over response
+    tokens), d_i = log π_θ(y_i|x_i) − log π_ref(y_i|x_i) and
+
+        KL(π_θ‖π_ref) = E_{y~π_θ}[log π_θ(y|x) − log π_ref(y|x)] ≈ mean_i d_i,
+
+    averaged over prompts too. The mean is an unbiased estimate of the KL; single d_i can
+    be negative, so the estimate can be slightly negative by sampling noise when the true
+    KL is near 0 (the base model against itself gives exactly 0). Valid only for samples
+    drawn from π_θ itself: temperature 1, top_p 1, no top-k, and the log-probs evaluated
+    on exactly the sampled tokens (including the EOS token when one was generated).
+    """
+    p = _as_array(policy_logps, "policy_logps")
+    r = _as_array(ref_logps, "ref_logps")
+    _same_length(p, r, "sequence_kl(policy_logps, ref_logps)")
+    return mean_and_se(p - r)
+
+
+def win_rate(policy_rewards: Sequence[float], base_rewards: Sequence[float]) -> float:
+    """Fraction of paired samples where the policy's reward beats the base model's.
+
+    Element i of both inputs must come from the same prompt and sample slot. Each pair
+    scores 1 for a win, 0.5 for a tie, 0 for a loss; the result is the mean.
+    Example: policy [2, 1, 0.5], base [1, 1, 1] -> (1 + 0.5 + 0) / 3 = 0.5.
+    """
+    p = _as_array(policy_rewards, "policy_rewards")
+    b = _as_array(base_rewards, "base_rewards")
+    _same_length(p, b, "win_rate(policy_rewards, base_rewards)")
+    return float(np.mean((p > b) + 0.5 * (p == b)))
+
+
+def avg_logp_agreement(
+    chosen_logps: Sequence[float],
+    chosen_lengths: Sequence[int],
+    rejected_logps: Sequence[float],
+    rejected_lengths: Sequence[int],
+) -> float:
+    """Fraction of pairs whose length-averaged log-likelihood ranks chosen above rejected.
+
+    A pair agrees when log π_θ(y_w|x) / max(|y_w|, 1) > log π_θ(y_l|x) / max(|y_l|, 1)
+    (strictly; a tie counts as disagreement). SimPO reports about 50% after DPO training,
+    which motivates its length-normalised implicit reward.
+    Example: chosen (-4, len 2) vs rejected (-9, len 3): -2 > -3, agrees.
+    """
+    cw = _as_array(chosen_logps, "chosen_logps")
+    lw = _as_array(chosen_lengths, "chosen_lengths")
+    cl = _as_array(rejected_logps, "rejected_logps")
+    ll = _as_array(rejected_lengths, "rejected_lengths")
+    _same_length(cw, lw, "avg_logp_agreement(chosen_logps, chosen_lengths)")
+    _same_length(cl, ll, "avg_logp_agreement(rejected_logps, rejected_lengths)")
+    _same_length(cw, cl, "avg_logp_agreement(chosen_logps, rejected_logps)")
+    return float(np.mean(cw / np.maximum(lw, 1.0) > cl / np.maximum(ll, 1.0)))

@@ -1,0 +1,379 @@
+"""The controlled sentiment experiment: prompts -> samples -> scores -> pairs -> train -> evaluate -> report.
+
+Each stage writes into ``<output_dir>/<stage>/`` and records the fingerprint of its inputs (config values and
+the fingerprints of the stages it reads), so a rerun skips finished stages and a changed input reruns only
+what depends on it. Training goes through :func:`preftune.training.train` — the same trainer, losses and
+log-prob path as ``preftune train``. The reference log-probs of the pairs are computed once (stage
+``reference``) and handed to every run, since every method trains on the same pairs against the same
+starting model.
+
+Evaluation (per model, on held-out prompts): N samples per prompt at the sampling temperature; mean reward
+± standard error; KL(π_θ‖π_ref) estimated from the same samples as the mean of log π_θ(y|x) − log π_ref(y|x)
+(on the sampled token ids, not re-tokenised text); win rate against the base model's samples (same prompt
+and slot, reward as judge); and SimPO's diagnostic: the share of held-out preference pairs (built from the
+base model's held-out samples) whose average log-likelihood ordering under the model agrees with the
+reward ordering.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..logprobs import score_responses
+from ..models import load_model, load_tokenizer, resolve_model_path
+from . import metrics as M
+from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config
+from .generate import sample_responses
+from .pairs import build_pairs
+from .prompts import load_prompts
+from .report import format_table, plot_frontier, plot_training_curves, write_report_md, write_results
+from .rewards import load_reward
+from .stages import file_sha256, read_jsonl, read_stage, run_stage, write_json_atomic, write_jsonl_atomic
+
+__all__ = ["load_experiment_config", "run_experiment"]
+
+
+def _run_name(run: MethodRun, beta: float) -> str:
+    extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()))
+    return f"{run.method}{extra}-beta{beta:g}"
+
+
+class Experiment:
+    def __init__(self, cfg: ExperimentConfig, log=print):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        self.log = log
+        self.model_path = resolve_model_path(cfg.model, log)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self._base = None
+        self._reward = None
+
+    # -- shared resources ---------------------------------------------------------------------------------
+    @property
+    def base(self):
+        if self._base is None:
+            self._base = load_model(self.model_path, dtype=self.cfg.dtype).eval()
+        return self._base
+
+    @property
+    def reward(self):
+        if self._reward is None:
+            self._reward = load_reward(self.cfg.reward)
+        return self._reward
+
+    def _fp(self, name: str) -> str:
+        return self._read(name)["fingerprint"]
+
+    def _read(self, name: str) -> dict:
+        """stage.json of a stage; nested names (``train/dpo-beta0.1``) live in sub-folders."""
+        path = self.root / name
+        return read_stage(path.parent, path.name)
+
+    def _stage(self, name: str, inputs: dict, fn) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out, _ = run_stage(path.parent, path.name, inputs, fn, log=self.log)
+        return out
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def prompts(self) -> None:
+        p = self.cfg.prompts
+        files = {
+            k: (file_sha256(v) if v else "builtin")
+            for k, v in (("train", p.train_file), ("heldout", p.heldout_file))
+        }
+
+        def fn(out: Path) -> dict:
+            train = load_prompts(p.train_file, "train")[: p.n_train]
+            held = load_prompts(p.heldout_file, "heldout")[: p.n_heldout]
+            (out / "train.txt").write_text("\n".join(train) + "\n")
+            (out / "heldout.txt").write_text("\n".join(held) + "\n")
+            return {"train": len(train), "heldout": len(held)}
+
+        self._stage("prompts", {"files": files, "n_train": p.n_train, "n_heldout": p.n_heldout}, fn)
+
+    def _read_prompts(self, split: str) -> list[str]:
+        return (self.root / "prompts" / f"{split}.txt").read_text().splitlines()
+
+    def _sample(self, model, prompts: list[str], out: Path, *, k: int, sc, seed: int) -> dict:
+        started = time.time()
+        samples = sample_responses(
+            model,
+            self.tokenizer,
+            prompts,
+            k=k,
+            max_new_tokens=sc.max_new_tokens,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            batch_size=sc.batch_size,
+            seed=seed,
+            progress=self.cfg.progress,
+        )
+        flat_prompts, flat_responses = samples.flat()
+        scores = self.reward(flat_prompts, flat_responses)
+        records = samples.records(scores)
+        for rec, pids, rids in zip(records, samples.prompt_ids, samples.response_ids):
+            rec["prompt_ids"], rec["response_ids"] = pids, rids
+        write_jsonl_atomic(out / "samples.jsonl", records)
+        n_tokens = sum(len(r) for rs in samples.response_ids for r in rs)
+        seconds = time.time() - started
+        return {
+            "responses": len(flat_responses),
+            "tokens": n_tokens,
+            "seconds": seconds,
+            "tokens_per_s": n_tokens / seconds,
+        }
+
+    def samples(self) -> None:
+        sc = self.cfg.sample
+        inputs = {
+            "prompts": self._fp("prompts"),
+            "model": self.model_path,
+            "dtype": self.cfg.dtype,
+            "sample": vars(sc),
+            "seed": self.cfg.seed,
+            "reward": self.cfg.reward,
+        }
+        self._stage(
+            "samples",
+            inputs,
+            lambda out: self._sample(
+                self.base, self._read_prompts("train"), out, k=sc.k, sc=sc, seed=self.cfg.seed
+            ),
+        )
+
+    def pairs(self) -> None:
+        def fn(out: Path) -> dict:
+            records = read_jsonl(self.root / "samples" / "samples.jsonl")
+            rows, stats = build_pairs(records, mode=self.cfg.pairs.mode)
+            kept = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()]
+            stats["empty_dropped"] = len(rows) - len(kept)
+            stats["pairs"] = len(kept)
+            if not kept:
+                raise RuntimeError(f"no preference pairs: every prompt's responses tied ({stats})")
+            write_jsonl_atomic(out / "pairs.jsonl", kept)
+            return stats
+
+        self._stage("pairs", {"samples": self._fp("samples"), "mode": self.cfg.pairs.mode}, fn)
+
+    def _train_cfg(self, run: MethodRun, beta: float, output_dir: Path) -> TrainConfig:
+        tcfg = train_config(self.cfg, run, beta, output_dir=str(output_dir))
+        tcfg.data.train = str(self.root / "pairs" / "pairs.jsonl")
+        tcfg.model.name_or_path = self.model_path
+        return tcfg
+
+    def reference(self) -> None:
+        """Reference log-probs of every pair under the starting model, shared by all runs."""
+        from ..training.families import PairFamily
+        from ..training.run import prepare
+
+        probe = self._train_cfg(MethodRun("dpo", [0.1]), 0.1, self.root / "unused")
+
+        def fn(out: Path) -> dict:
+            prep = prepare(probe, self.log)
+            family = PairFamily(probe, prep.examples, self.tokenizer.pad_token_id, torch.device("cpu"))
+            started = time.time()
+            family.precompute_reference(self.base, batch_size=self.cfg.eval.logp_batch_size)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in family.ref.items()}, out / "ref_logps.safetensors")
+            return {"pairs": len(prep.examples["train"]), "seconds": time.time() - started}
+
+        t = self.cfg.train
+        inputs = {
+            "pairs": self._fp("pairs"),
+            "model": self.model_path,
+            "dtype": self.cfg.dtype,
+            "max_length": t.max_length,
+            "max_prompt_length": t.max_prompt_length,
+        }
+        self._stage("reference", inputs, fn)
+
+    def train_runs(self) -> list[tuple[str, MethodRun, float]]:
+        from ..training import train
+
+        done = []
+        for run in self.cfg.methods:
+            for beta in run.betas:
+                name = _run_name(run, beta)
+                stage = f"train/{name}"
+                probe = self._train_cfg(run, beta, Path("run"))
+                inputs = {"pairs": self._fp("pairs"), "config": probe.to_dict()}
+                if probe.method != "simpo":
+                    inputs["reference"] = self._fp("reference")
+
+                def fn(out: Path, run=run, beta=beta) -> dict:
+                    tcfg = self._train_cfg(run, beta, out / "run")
+                    ref = (
+                        None if tcfg.method == "simpo" else self.root / "reference" / "ref_logps.safetensors"
+                    )
+                    self.log(f"== training {_run_name(run, beta)}")
+                    train(tcfg, ref_logps_file=ref, log=self.log)
+                    return json.loads((out / "run" / "result.json").read_text())
+
+                self._stage(stage, inputs, fn)
+                done.append((name, run, beta))
+        return done
+
+    def _evaluate(self, model, out: Path, held_pairs: list[dict] | None) -> dict:
+        ec = self.cfg.eval
+        summary = self._sample(
+            model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=self.cfg.seed + 1
+        )
+        records = read_jsonl(out / "samples.jsonl")
+        prompts = [r["prompt_ids"] for r in records for _ in r["response_ids"]]
+        responses = [ids for r in records for ids in r["response_ids"]]
+        rewards = [s for r in records for s in r["scores"]]
+        pad = self.tokenizer.pad_token_id
+        bs = ec.logp_batch_size
+        policy_logps, _ = score_responses(model, prompts, responses, pad_token_id=pad, batch_size=bs)
+        if model is self.base:
+            ref_logps = policy_logps
+        else:
+            ref_logps, _ = score_responses(self.base, prompts, responses, pad_token_id=pad, batch_size=bs)
+        summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards))))
+        summary.update(
+            dict(zip(("kl_mean", "kl_se"), M.sequence_kl(policy_logps.tolist(), ref_logps.tolist())))
+        )
+        if held_pairs:
+            p_ids = [p["prompt_ids"] for p in held_pairs]
+            cw, nw = score_responses(
+                model, p_ids, [p["chosen_ids"] for p in held_pairs], pad_token_id=pad, batch_size=bs
+            )
+            cl, nl = score_responses(
+                model, p_ids, [p["rejected_ids"] for p in held_pairs], pad_token_id=pad, batch_size=bs
+            )
+            summary["logp_agreement"] = M.avg_logp_agreement(
+                cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()
+            )
+            summary["heldout_pairs"] = len(held_pairs)
+        write_json_atomic(out / "rewards.json", rewards)
+        return summary
+
+    def _heldout_pairs(self) -> list[dict]:
+        """Preference pairs on held-out prompts from the base model's samples (token ids kept)."""
+        records = read_jsonl(self.root / "eval" / "base" / "samples.jsonl")
+        pairs = []
+        for rec in records:
+            by_text = {t: ids for t, ids in zip(rec["responses"], rec["response_ids"])}
+            rows, _ = build_pairs([rec], mode=self.cfg.eval.pairs_mode)
+            for row in rows:
+                pairs.append(
+                    {
+                        "prompt_ids": rec["prompt_ids"],
+                        "chosen_ids": by_text[row["chosen"]],
+                        "rejected_ids": by_text[row["rejected"]],
+                    }
+                )
+        return pairs
+
+    def evaluate_all(self, runs) -> list[dict]:
+        ec = self.cfg.eval
+        base_inputs = {
+            "prompts": self._fp("prompts"),
+            "model": self.model_path,
+            "dtype": self.cfg.dtype,
+            "eval": vars(ec),
+            "seed": self.cfg.seed,
+            "reward": self.cfg.reward,
+        }
+        self._stage("eval/base", base_inputs, lambda out: self._evaluate(self.base, out, None))
+        held = self._heldout_pairs()
+        base_fp = self._fp("eval/base")
+        rows = []
+        base_rewards = json.loads((self.root / "eval" / "base" / "rewards.json").read_text())
+        base_summary = self._read("eval/base")["summary"]
+        if held:  # the base model's agreement (not cached: a few forward passes)
+            base_summary = {**base_summary, **self._agreement_only(held)}
+        rows.append(self._row("base", None, base_summary, base_rewards, base_rewards))
+        for name, run, beta in runs:
+            model_dir = self.root / "train" / name / "run" / "model"
+            inputs = {**base_inputs, "train": self._fp(f"train/{name}"), "base_eval": base_fp}
+
+            def fn(out: Path, model_dir=model_dir) -> dict:
+                model = load_model(str(model_dir), dtype=self.cfg.dtype).eval()
+                return self._evaluate(model, out, held)
+
+            self._stage(f"eval/{name}", inputs, fn)
+            rewards = json.loads((self.root / "eval" / name / "rewards.json").read_text())
+            rows.append(
+                self._row(run.method, beta, self._read(f"eval/{name}")["summary"], rewards, base_rewards)
+            )
+        return rows
+
+    def _agreement_only(self, held: list[dict]) -> dict:
+        bs, pad = self.cfg.eval.logp_batch_size, self.tokenizer.pad_token_id
+        p_ids = [p["prompt_ids"] for p in held]
+        cw, nw = score_responses(
+            self.base, p_ids, [p["chosen_ids"] for p in held], pad_token_id=pad, batch_size=bs
+        )
+        cl, nl = score_responses(
+            self.base, p_ids, [p["rejected_ids"] for p in held], pad_token_id=pad, batch_size=bs
+        )
+        return {
+            "logp_agreement": M.avg_logp_agreement(cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()),
+            "heldout_pairs": len(held),
+        }
+
+    @staticmethod
+    def _row(method: str, beta, summary: dict, rewards, base_rewards) -> dict:
+        return {
+            "method": method,
+            "beta": beta,
+            "reward_mean": summary["reward_mean"],
+            "reward_se": summary["reward_se"],
+            "kl_mean": 0.0 if method == "base" else summary["kl_mean"],
+            "kl_se": 0.0 if method == "base" else summary["kl_se"],
+            "win_rate": M.win_rate(rewards, base_rewards),
+            "logp_agreement": summary.get("logp_agreement"),
+            "n_samples": len(rewards),
+        }
+
+    def report(self, rows: list[dict], runs) -> None:
+        write_results(self.root, rows)
+        plot_frontier(rows, self.root / "frontier.png", title=f"{self.cfg.name}: reward vs KL")
+        curves = {name: self.root / "train" / name / "run" / "metrics.jsonl" for name, _, _ in runs}
+        images = ["frontier.png"]
+        if curves:
+            plot_training_curves(curves, self.root / "training_curves.png")
+            images.append("training_curves.png")
+        summary = {
+            "model": self.model_path,
+            "reward": self.cfg.reward,
+            "pairs": self._read("pairs")["summary"],
+            "sampling": self._read("samples")["summary"],
+        }
+        write_report_md(self.root, rows, summary, images)
+
+
+def run_experiment(cfg: ExperimentConfig, log=print) -> list[dict]:
+    """Run (or continue) the whole experiment; returns the result rows (also written to disk)."""
+    started = time.time()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "experiment_config.json", _jsonable(cfg))
+    exp = Experiment(cfg, log)
+    exp.prompts()
+    exp.samples()
+    exp.pairs()
+    if any(run.method != "simpo" for run in cfg.methods):
+        exp.reference()
+    runs = exp.train_runs()
+    rows = exp.evaluate_all(runs)
+    exp.report(rows, runs)
+    log("\n" + format_table(rows))
+    log(
+        f"\nresults in {root} (results.csv, results.json, frontier.png, report.md) — {time.time() - started:.0f}s"
+    )
+    return rows
+
+
+def _jsonable(cfg) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

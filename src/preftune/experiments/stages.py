@@ -1,0 +1,205 @@
+"""Cached, resumable pipeline stages and atomic file writes.
+
+A stage is a folder ``root/name`` produced by one function. Its ``stage.json`` records
+the fingerprint of the stage's *inputs* (everything that determines its output: config
+values, file hashes, and the fingerprints of the stages it reads from). Running a stage
+whose folder holds a ``stage.json`` with the same fingerprint is skipped; anything else
+reruns it from scratch.
+
+The function writes into a temporary folder ``root/.name.tmp``; only after it returns
+is ``stage.json`` written and the folder swapped into place (``os.replace``), so an
+interrupted or failing run never leaves a half-written stage that looks finished.
+Callers chain stages by putting the upstream ``stage.json`` fingerprint into the
+downstream ``inputs``::
+
+    gen_dir, _ = run_stage(root, "generate", {"model": m, "k": 8, "seed": 0}, generate)
+    up = read_stage(root, "generate")["fingerprint"]
+    run_stage(root, "score", {"reward": "vader", "upstream": up}, score)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+STAGE_FILE = "stage.json"
+
+
+def _to_json(obj: Any) -> Any:
+    """``json.dumps`` fallback: paths as strings, dataclasses as dicts, sets sorted."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot fingerprint/serialise object of type {type(obj).__name__}: {obj!r}")
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, NaN rejected."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_to_json
+    )
+
+
+def fingerprint(obj: Any) -> str:
+    """First 16 hex characters of the SHA-256 of ``obj`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Full SHA-256 hex digest of a file's bytes (to put a data file into stage inputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- atomic writes -------------------------------------------------------------------
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
+    """Pretty JSON (sorted keys are *not* forced, so row order and key order survive)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False, default=_to_json)
+    return write_text_atomic(path, text + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
+    """One JSON object per line, written atomically. Non-finite floats are rejected."""
+    lines = [json.dumps(row, ensure_ascii=False, allow_nan=False, default=_to_json) for row in rows]
+    return write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped); errors name the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {lineno}: invalid JSON: {err}") from err
+    return rows
+
+
+# ---- stages --------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+        raise ValueError(f"invalid stage name {name!r}: must be a plain folder name not starting with '.'")
+
+
+def read_stage(root: str | Path, name: str) -> dict:
+    """The ``stage.json`` of a finished stage: fingerprint, inputs, summary, finished_at."""
+    path = Path(root) / name / STAGE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"stage {name!r} has not finished: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _cached_fingerprint(stage_dir: Path) -> str | None:
+    try:
+        with open(stage_dir / STAGE_FILE, encoding="utf-8") as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_stage(
+    root: str | Path,
+    name: str,
+    inputs: dict,
+    fn: Callable[[Path], dict | None],
+    *,
+    log: Callable[[str], Any] = print,
+) -> tuple[Path, bool]:
+    """Run ``fn`` into ``root/name`` unless a finished run with the same inputs is there.
+
+    Args:
+        root: the experiment folder.
+        name: the stage folder name.
+        inputs: JSON-serialisable description of everything the output depends on
+            (include upstream stages' fingerprints); its :func:`fingerprint` is the key.
+        fn: ``fn(tmp_dir) -> summary | None`` writes the stage's files into ``tmp_dir``
+            (an empty folder) and may return a JSON-serialisable dict of summary info.
+        log: called with one line when the stage is skipped or run.
+
+    Returns:
+        ``(stage_dir, ran)``: ``ran`` is False when the cached result was reused.
+
+    If ``fn`` raises, its temporary folder is deleted and the exception propagates; an
+    existing ``root/name`` from earlier inputs is left untouched (its fingerprint no
+    longer matches, so it will not be mistaken for the new result).
+    """
+    _check_name(name)
+    root = Path(root)
+    fp = fingerprint(inputs)
+    stage_dir = root / name
+    if _cached_fingerprint(stage_dir) == fp:
+        log(f"[skip] {name} (cached)")
+        return stage_dir, False
+
+    log(f"[run] {name}")
+    tmp_dir = root / f".{name}.tmp"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    try:
+        summary = fn(tmp_dir)
+        if summary is not None and not isinstance(summary, dict):
+            raise TypeError(f"stage {name!r}: fn must return a dict or None, got {type(summary).__name__}")
+        record = {
+            "fingerprint": fp,
+            "inputs": inputs,
+            "summary": summary or {},
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(tmp_dir / STAGE_FILE, record)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+    old_dir = root / f".{name}.old"
+    if stage_dir.exists():
+        if old_dir.exists():
+            shutil.rmtree(old_dir)
+        os.replace(stage_dir, old_dir)
+    os.replace(tmp_dir, stage_dir)
+    if old_dir.exists():
+        shutil.rmtree(old_dir)
+    return stage_dir, True
