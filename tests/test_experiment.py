@@ -1,0 +1,77 @@
+"""End-to-end sentiment experiment on the tiny random model: outputs, caching, and invalidation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preftune.config import ConfigError
+from preftune.experiments.config import experiment_config_from_dict, load_experiment_config
+from preftune.experiments.pipeline import run_experiment
+
+
+def _cfg(tmp_path, model_dir, **extra):
+    raw = {
+        "output_dir": str(tmp_path / "exp"),
+        "model": str(model_dir),
+        "progress": False,
+        "prompts": {"n_train": 6, "n_heldout": 3},
+        "sample": {"k": 3, "max_new_tokens": 6, "batch_size": 8},
+        "pairs": {"mode": "all"},
+        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_length": 48, "max_prompt_length": 24},
+        "methods": [{"method": "dpo", "betas": [0.1, 0.5]}, {"method": "simpo", "betas": [2.0], "gamma": 0.5}],
+        "eval": {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 8},
+    }
+    raw.update(extra)
+    return experiment_config_from_dict(raw)
+
+
+def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
+    logs: list[str] = []
+    rows = run_experiment(_cfg(tmp_path, tiny_model_dir), log=logs.append)
+    root = tmp_path / "exp"
+    assert [(r["method"], r["beta"]) for r in rows] == [("base", None), ("dpo", 0.1), ("dpo", 0.5), ("simpo", 2.0)]
+    base = rows[0]
+    assert base["kl_mean"] == 0.0 and base["win_rate"] == 0.5
+    assert all(r["n_samples"] == 6 for r in rows)  # 3 held-out prompts x 2 samples
+    assert (root / "results.csv").read_text().splitlines()[0].startswith("method,beta,reward_mean")
+    assert json.loads((root / "results.json").read_text())[1]["method"] == "dpo"
+    for png in ("frontier.png", "training_curves.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dpo |" in (root / "report.md").read_text() or "dpo" in (root / "report.md").read_text()
+    pairs = [json.loads(line) for line in (root / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    # SimPO loads no reference; DPO runs reuse the shared reference log-probs
+    assert not (root / "train" / "simpo-gamma0.5-beta2" / "run" / "ref_logps.safetensors").exists()
+    assert (root / "train" / "dpo-beta0.1" / "run" / "ref_logps.safetensors").exists()
+
+    # a rerun skips every stage and gives the same rows
+    logs.clear()
+    again = run_experiment(_cfg(tmp_path, tiny_model_dir), log=logs.append)
+    assert not [line for line in logs if line.startswith("[run]")]
+    assert again == rows
+
+    # a changed training input reruns that training stage and its evaluation only
+    logs.clear()
+    changed = _cfg(tmp_path, tiny_model_dir, methods=[{"method": "dpo", "betas": [0.1]}])
+    changed.train.learning_rate = 2e-3
+    run_experiment(changed, log=logs.append)
+    ran = [line for line in logs if line.startswith("[run]")]
+    assert ran == ["[run] dpo-beta0.1", "[run] dpo-beta0.1"]  # train stage, then its eval stage
+
+
+def test_experiment_config_errors():
+    with pytest.raises(ConfigError, match="unknown key"):
+        experiment_config_from_dict({"sample": {"kk": 3}})
+    with pytest.raises(ConfigError, match="dpo"):
+        experiment_config_from_dict({"methods": [{"method": "dpo", "betas": [0.1], "gamma": 1.0}]})
+    with pytest.raises(ConfigError, match="k must be >= 2"):
+        experiment_config_from_dict({"sample": {"k": 1}})
+
+
+def test_presets_load():
+    quick = load_experiment_config("quick")
+    full = load_experiment_config("full", ["seed=3"])
+    assert {m.method for m in quick.methods} >= {"dpo", "odpo", "simpo", "ipo"}
+    assert full.seed == 3 and all(len(m.betas) >= 3 for m in full.methods)
