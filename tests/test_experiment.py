@@ -19,8 +19,17 @@ def _cfg(tmp_path, model_dir, **extra):
         "prompts": {"n_train": 6, "n_heldout": 3},
         "sample": {"k": 3, "max_new_tokens": 6, "batch_size": 8},
         "pairs": {"mode": "all"},
-        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_length": 48, "max_prompt_length": 24},
-        "methods": [{"method": "dpo", "betas": [0.1, 0.5]}, {"method": "simpo", "betas": [2.0], "gamma": 0.5}],
+        "train": {
+            "batch_size": 4,
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "max_length": 48,
+            "max_prompt_length": 24,
+        },
+        "methods": [
+            {"method": "dpo", "betas": [0.1, 0.5]},
+            {"method": "simpo", "betas": [2.0], "gamma": 0.5},
+        ],
         "eval": {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 8},
     }
     raw.update(extra)
@@ -31,7 +40,12 @@ def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
     logs: list[str] = []
     rows = run_experiment(_cfg(tmp_path, tiny_model_dir), log=logs.append)
     root = tmp_path / "exp"
-    assert [(r["method"], r["beta"]) for r in rows] == [("base", None), ("dpo", 0.1), ("dpo", 0.5), ("simpo", 2.0)]
+    assert [(r["method"], r["beta"]) for r in rows] == [
+        ("base", None),
+        ("dpo", 0.1),
+        ("dpo", 0.5),
+        ("simpo", 2.0),
+    ]
     base = rows[0]
     assert base["kl_mean"] == 0.0 and base["win_rate"] == 0.5
     assert all(r["n_samples"] == 6 for r in rows)  # 3 held-out prompts x 2 samples

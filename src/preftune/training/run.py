@@ -100,7 +100,10 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
-        validate_rows(split_rows_, require_scores=cfg.method == "odpo")
+        has_margin = cfg.method == "reward_model" and cfg.reward_model.use_margin
+        has_margin = has_margin and any(r.get("margin") is not None for r in split_rows_)
+        # a margin in some rows only would be used in some batches only: all rows or none
+        validate_rows(split_rows_, require_scores=cfg.method == "odpo", require_margin=has_margin)
     model_path = resolve_model_path(cfg.model.name_or_path, log)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     examples, stats = {}, {}
@@ -259,7 +262,11 @@ def _setup_reference(cfg, prep, family: PairFamily, model, run_dir: Path, resume
         if not cfg.model.lora.enabled:  # full fine-tuning: a frozen copy of the starting weights
             ref = model if resume_from is None else None
             ref = (
-                copy.deepcopy(ref) if ref is not None else load_model(prep.model_path, dtype=cfg.model.dtype)
+                copy.deepcopy(ref)
+                if ref is not None
+                else load_model(
+                    prep.model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+                )
             )
             family.ref_model = ref.to(next(model.parameters()).device).eval().requires_grad_(False)
         return

