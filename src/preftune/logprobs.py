@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from .models import unwrap
 
-_SPECIAL_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+_SPECIAL_HEAD_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier_scale",
+)
 
 
 def _fast_parts(model):

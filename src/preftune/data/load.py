@@ -36,7 +36,18 @@ from typing import Any
 from preftune.data.tokenize import split_implicit_prompt
 from preftune.data.types import DataError
 
-FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")
+FIELDS: tuple[str, ...] = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "score_chosen",
+    "score_rejected",
+    "margin",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+)
+ID_FIELDS: tuple[str, ...] = ("prompt_ids", "chosen_ids", "rejected_ids")  # optional pre-tokenised form
 TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 NUMBER_FIELDS: tuple[str, ...] = ("score_chosen", "score_rejected", "margin")
 MESSAGE_KEYS: frozenset[str] = frozenset({"role", "content"})
@@ -285,6 +296,16 @@ def _row_problems(row: dict, i: int, *, require_scores: bool, require_margin: bo
                 bad(field, f"must be a number, got {type(value).__name__} {value!r}")
             elif not math.isfinite(value):
                 bad(field, f"must be finite, got {value!r}")
+    present = [f for f in ID_FIELDS if f in row]
+    if present:
+        for field in ID_FIELDS:
+            value = row.get(field)
+            if value is None:
+                bad(field, f"missing (pre-tokenised rows need all of {', '.join(ID_FIELDS)})")
+            elif not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
+                bad(field, "must be a list of non-negative token ids")
+            elif field != "prompt_ids" and not value:
+                bad(field, "empty")
     if require_scores:
         for field in ("score_chosen", "score_rejected"):
             if field not in row:

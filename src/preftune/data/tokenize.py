@@ -31,6 +31,11 @@ len(rejected))``, if ``L > max_length``, first keep only the **last** ``max_prom
 prompt tokens (those nearest the response; counted in ``prompt_truncated``); if still too long,
 cut both responses **from the right** to ``max_length - len(prompt)`` tokens (counted in
 ``response_truncated``; the EOS is then usually gone and the example has ``truncated=True``).
+Pre-tokenised rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` lists of token ids beside the
+texts) are used exactly as given — no BOS or EOS is added — and truncated by the same rule. The
+experiment writes its sampled pairs this way, so training sees exactly the tokens the model sampled
+(a response cut at ``max_new_tokens`` has no EOS, and none is invented).
+
 A pair is dropped when a response has no token besides its EOS (``dropped_empty``) or when the
 chosen and rejected ids are identical (``dropped_identical``).
 """
@@ -162,7 +167,9 @@ def _tokenize(row: dict, tokenizer, *, max_length: int, max_prompt_length: int, 
         row = split_implicit_prompt(row)
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
 
-    if isinstance(prompt, str):
+    if "chosen_ids" in row:  # pre-tokenised: the ids are used exactly as given (no EOS added)
+        p, c, r = list(row["prompt_ids"]), list(row["chosen_ids"]), list(row["rejected_ids"])
+    elif isinstance(prompt, str):
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
             raise DataError(f"{source}: field 'chosen'/'rejected': must be strings, like 'prompt'")
         p = prompt_ids(tokenizer, prompt)

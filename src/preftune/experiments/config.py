@@ -127,6 +127,11 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         raise ConfigError(f"{source}: methods must list at least one method")
     if cfg.pairs.mode not in ("all", "best_vs_worst") or cfg.eval.pairs_mode not in ("all", "best_vs_worst"):
         raise ConfigError(f"{source}: pairs.mode / eval.pairs_mode must be all or best_vs_worst")
+    if cfg.eval.temperature != 1.0 or cfg.eval.top_p != 1.0:
+        raise ConfigError(
+            f"{source}: eval.temperature and eval.top_p must be 1.0: the KL estimate needs samples from the "
+            "model's own distribution"
+        )
     if cfg.sample.k < 2:
         raise ConfigError(f"{source}: sample.k must be >= 2 to build pairs, got {cfg.sample.k}")
     for run in cfg.methods:  # build every training config now: bad keys fail before any sampling
@@ -142,6 +147,8 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
     out = {"method": entry.pop("method")}
     if "betas" in entry:
         out["betas"] = entry.pop("betas")
+    if "beta" in entry:
+        raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
     out["options"] = entry
     return out
 
@@ -169,8 +176,9 @@ def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_d
             "warmup_steps": t.warmup_steps,
             "weight_decay": t.weight_decay,
             "max_grad_norm": t.max_grad_norm,
-            "progress": cfg.progress,
         },
         run.method: {"beta": beta, **run.options},
     }
-    return train_config_from_dict(raw, source=f"methods entry {run.method} beta={beta}")
+    tcfg = train_config_from_dict(raw, source=f"methods entry {run.method} beta={beta}")
+    tcfg.training.progress = cfg.progress  # not part of the raw dict: it must not change stage fingerprints
+    return tcfg

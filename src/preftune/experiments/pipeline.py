@@ -43,6 +43,38 @@ def _run_name(run: MethodRun, beta: float) -> str:
     return f"{run.method}{extra}-beta{beta:g}"
 
 
+def folder_fingerprint(path: str) -> dict | str:
+    """What identifies a model folder's weights cheaply: its config.json hash and each weight file's
+    size and modification time (a hub id is identified by its name)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return {
+        "path": str(folder),
+        "config": file_sha256(folder / "config.json") if (folder / "config.json").is_file() else None,
+        "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
+    }
+
+
+def pairs_with_ids(records: list[dict], mode: str) -> tuple[list[dict], dict]:
+    """Preference pairs from scored samples, each row carrying the sampled token ids beside the texts
+    (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), so training and evaluation see exactly the tokens
+    the model sampled rather than a re-tokenisation of the decoded text."""
+    rows, stats = [], {}
+    for rec in records:
+        ids = dict(zip(rec["responses"], rec["response_ids"]))
+        rec_rows, rec_stats = build_pairs([rec], mode=mode)
+        for key, value in rec_stats.items():
+            stats[key] = stats.get(key, 0) + value
+        for row in rec_rows:
+            row.update(
+                prompt_ids=rec["prompt_ids"], chosen_ids=ids[row["chosen"]], rejected_ids=ids[row["rejected"]]
+            )
+            rows.append(row)
+    return rows, stats
+
+
 class Experiment:
     def __init__(self, cfg: ExperimentConfig, log=print):
         self.cfg = cfg
@@ -50,6 +82,10 @@ class Experiment:
         self.log = log
         self.model_path = resolve_model_path(cfg.model, log)
         self.tokenizer = load_tokenizer(self.model_path)
+        self.model_id = folder_fingerprint(self.model_path)
+        rm = cfg.reward.split(":", 1)[1] if cfg.reward.startswith("reward_model:") else None
+        self.reward_id = {"spec": cfg.reward, "weights": folder_fingerprint(rm) if rm else None}
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._base = None
         self._reward = None
 
@@ -57,7 +93,7 @@ class Experiment:
     @property
     def base(self):
         if self._base is None:
-            self._base = load_model(self.model_path, dtype=self.cfg.dtype).eval()
+            self._base = load_model(self.model_path, dtype=self.cfg.dtype).to(self.device).eval()
         return self._base
 
     @property
@@ -133,11 +169,11 @@ class Experiment:
         sc = self.cfg.sample
         inputs = {
             "prompts": self._fp("prompts"),
-            "model": self.model_path,
+            "model": self.model_id,
             "dtype": self.cfg.dtype,
             "sample": vars(sc),
             "seed": self.cfg.seed,
-            "reward": self.cfg.reward,
+            "reward": self.reward_id,
         }
         self._stage(
             "samples",
@@ -150,7 +186,7 @@ class Experiment:
     def pairs(self) -> None:
         def fn(out: Path) -> dict:
             records = read_jsonl(self.root / "samples" / "samples.jsonl")
-            rows, stats = build_pairs(records, mode=self.cfg.pairs.mode)
+            rows, stats = pairs_with_ids(records, self.cfg.pairs.mode)
             kept = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()]
             stats["empty_dropped"] = len(rows) - len(kept)
             stats["pairs"] = len(kept)
@@ -159,7 +195,8 @@ class Experiment:
             write_jsonl_atomic(out / "pairs.jsonl", kept)
             return stats
 
-        self._stage("pairs", {"samples": self._fp("samples"), "mode": self.cfg.pairs.mode}, fn)
+        inputs = {"samples": self._fp("samples"), "mode": self.cfg.pairs.mode, "format": "with-token-ids"}
+        self._stage("pairs", inputs, fn)
 
     def _train_cfg(self, run: MethodRun, beta: float, output_dir: Path) -> TrainConfig:
         tcfg = train_config(self.cfg, run, beta, output_dir=str(output_dir))
@@ -187,7 +224,7 @@ class Experiment:
         t = self.cfg.train
         inputs = {
             "pairs": self._fp("pairs"),
-            "model": self.model_path,
+            "model": self.model_id,
             "dtype": self.cfg.dtype,
             "max_length": t.max_length,
             "max_prompt_length": t.max_prompt_length,
@@ -202,8 +239,10 @@ class Experiment:
             for beta in run.betas:
                 name = _run_name(run, beta)
                 stage = f"train/{name}"
-                probe = self._train_cfg(run, beta, Path("run"))
-                inputs = {"pairs": self._fp("pairs"), "config": probe.to_dict()}
+                probe = train_config(self.cfg, run, beta, output_dir="run")  # no absolute paths: movable
+                config = probe.to_dict()
+                config["training"].pop("progress")  # display only
+                inputs = {"pairs": self._fp("pairs"), "model": self.model_id, "config": config}
                 if probe.method != "simpo":
                     inputs["reference"] = self._fp("reference")
 
@@ -241,62 +280,41 @@ class Experiment:
             dict(zip(("kl_mean", "kl_se"), M.sequence_kl(policy_logps.tolist(), ref_logps.tolist())))
         )
         if held_pairs:
-            p_ids = [p["prompt_ids"] for p in held_pairs]
-            cw, nw = score_responses(
-                model, p_ids, [p["chosen_ids"] for p in held_pairs], pad_token_id=pad, batch_size=bs
-            )
-            cl, nl = score_responses(
-                model, p_ids, [p["rejected_ids"] for p in held_pairs], pad_token_id=pad, batch_size=bs
-            )
-            summary["logp_agreement"] = M.avg_logp_agreement(
-                cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()
-            )
-            summary["heldout_pairs"] = len(held_pairs)
+            summary.update(self._agreement(model, held_pairs))
         write_json_atomic(out / "rewards.json", rewards)
         return summary
 
-    def _heldout_pairs(self) -> list[dict]:
+    def _heldout_pairs(self, samples_file: Path) -> list[dict]:
         """Preference pairs on held-out prompts from the base model's samples (token ids kept)."""
-        records = read_jsonl(self.root / "eval" / "base" / "samples.jsonl")
-        pairs = []
-        for rec in records:
-            by_text = {t: ids for t, ids in zip(rec["responses"], rec["response_ids"])}
-            rows, _ = build_pairs([rec], mode=self.cfg.eval.pairs_mode)
-            for row in rows:
-                pairs.append(
-                    {
-                        "prompt_ids": rec["prompt_ids"],
-                        "chosen_ids": by_text[row["chosen"]],
-                        "rejected_ids": by_text[row["rejected"]],
-                    }
-                )
-        return pairs
+        return pairs_with_ids(read_jsonl(samples_file), self.cfg.eval.pairs_mode)[0]
 
     def evaluate_all(self, runs) -> list[dict]:
         ec = self.cfg.eval
         base_inputs = {
             "prompts": self._fp("prompts"),
-            "model": self.model_path,
+            "model": self.model_id,
             "dtype": self.cfg.dtype,
             "eval": vars(ec),
             "seed": self.cfg.seed,
-            "reward": self.cfg.reward,
+            "reward": self.reward_id,
         }
-        self._stage("eval/base", base_inputs, lambda out: self._evaluate(self.base, out, None))
-        held = self._heldout_pairs()
+
+        def base_fn(out: Path) -> dict:
+            summary = self._evaluate(self.base, out, None)
+            held = self._heldout_pairs(out / "samples.jsonl")
+            return {**summary, **(self._agreement(self.base, held) if held else {})}
+
+        self._stage("eval/base", base_inputs, base_fn)
+        held = self._heldout_pairs(self.root / "eval" / "base" / "samples.jsonl")
         base_fp = self._fp("eval/base")
-        rows = []
         base_rewards = json.loads((self.root / "eval" / "base" / "rewards.json").read_text())
-        base_summary = self._read("eval/base")["summary"]
-        if held:  # the base model's agreement (not cached: a few forward passes)
-            base_summary = {**base_summary, **self._agreement_only(held)}
-        rows.append(self._row("base", None, base_summary, base_rewards, base_rewards))
+        rows = [self._row("base", None, self._read("eval/base")["summary"], base_rewards, base_rewards)]
         for name, run, beta in runs:
             model_dir = self.root / "train" / name / "run" / "model"
             inputs = {**base_inputs, "train": self._fp(f"train/{name}"), "base_eval": base_fp}
 
             def fn(out: Path, model_dir=model_dir) -> dict:
-                model = load_model(str(model_dir), dtype=self.cfg.dtype).eval()
+                model = load_model(str(model_dir), dtype=self.cfg.dtype).to(self.device).eval()
                 return self._evaluate(model, out, held)
 
             self._stage(f"eval/{name}", inputs, fn)
@@ -306,14 +324,15 @@ class Experiment:
             )
         return rows
 
-    def _agreement_only(self, held: list[dict]) -> dict:
+    def _agreement(self, model, held: list[dict]) -> dict:
+        """SimPO's diagnostic on held-out pairs: does the average log-likelihood order agree with the reward?"""
         bs, pad = self.cfg.eval.logp_batch_size, self.tokenizer.pad_token_id
         p_ids = [p["prompt_ids"] for p in held]
         cw, nw = score_responses(
-            self.base, p_ids, [p["chosen_ids"] for p in held], pad_token_id=pad, batch_size=bs
+            model, p_ids, [p["chosen_ids"] for p in held], pad_token_id=pad, batch_size=bs
         )
         cl, nl = score_responses(
-            self.base, p_ids, [p["rejected_ids"] for p in held], pad_token_id=pad, batch_size=bs
+            model, p_ids, [p["rejected_ids"] for p in held], pad_token_id=pad, batch_size=bs
         )
         return {
             "logp_agreement": M.avg_logp_agreement(cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,22 @@ class MetricsLog:
         }
         if self.accelerator.trackers:
             self.accelerator.log(numeric, step=row["step"])
+
+
+@contextlib.contextmanager
+def _hold_interrupt():
+    """Hold Ctrl-C until the block ends, so an optimizer step is applied whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda *args: pending.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def _weighted_mean(acc: dict[str, float], n: int) -> dict[str, float]:
@@ -180,9 +198,10 @@ def fit(
                     torch.stack([p.grad.norm() for p in params if p.grad is not None])
                 )
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            completed = step + 1
+            with _hold_interrupt():
+                optimizer.step()
+                scheduler.step()
+                completed = step + 1
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}

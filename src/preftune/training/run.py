@@ -139,6 +139,44 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | N
     return None
 
 
+# keys that may change between an interrupted run and its resumption (length, display, bookkeeping)
+_RESUMABLE_KEYS = {
+    "max_steps",
+    "epochs",
+    "progress",
+    "report_to",
+    "save_every",
+    "eval_every",
+    "keep_checkpoints",
+    "log_every",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resume_config(saved_path: Path, cfg: TrainConfig) -> None:
+    """A resumed run must replay the same data, model and optimizer settings as the interrupted one."""
+    import yaml
+
+    if not saved_path.is_file():
+        raise RunDirError(f"--resume: {saved_path} is missing")
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS}
+    diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if diff:
+        raise RunDirError(
+            f"--resume: the config differs from the interrupted run's ({saved_path}) in {', '.join(diff)}"
+        )
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -191,6 +229,8 @@ def train(
     resume_from = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     summary = prep.summary()
     log(json.dumps(summary, indent=2))
+    if resume_from is not None:
+        _check_resume_config(run_dir / "config.yaml", cfg)
     _write_atomic(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
     _write_atomic(run_dir / "data_summary.json", json.dumps(summary, indent=2))
 
