@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="run the controlled sentiment experiment (sample, score, pair, train, evaluate, plot)",
     )
-    _add_config_args(p, "CONFIG.yaml|quick|full")
+    _add_config_args(p, "CONFIG.yaml|quick|sweep|full")
     return parser
 
 

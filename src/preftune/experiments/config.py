@@ -23,7 +23,7 @@ from ..config import (
     train_config_from_dict,
 )
 
-PRESETS = ("quick", "full")
+PRESETS = ("quick", "sweep", "full")
 
 
 @dataclass
