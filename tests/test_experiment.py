@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from preftune.config import ConfigError
 from preftune.experiments.config import experiment_config_from_dict, load_experiment_config
@@ -97,3 +98,40 @@ def test_presets_load():
     full = load_experiment_config("full", ["seed=3"])
     assert {m.method for m in quick.methods} >= {"dpo", "odpo", "simpo", "ipo"}
     assert full.seed == 3 and all(len(m.betas) >= 3 for m in full.methods)
+
+
+def test_interrupted_training_stage_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    """Ctrl-C inside a training stage keeps its checkpoint; the rerun resumes it and ends where an
+    uninterrupted experiment ends."""
+    from safetensors.torch import load_file
+
+    import preftune.training as training
+
+    methods = [{"method": "dpo", "betas": [0.1]}]
+    plain = _cfg(tmp_path / "a", tiny_model_dir, methods=methods)
+    run_experiment(plain, log=lambda *_: None)
+
+    real_train = training.train
+
+    def interrupted(cfg, **kwargs):
+        def stop(step, row):
+            if step == 1:
+                raise KeyboardInterrupt
+
+        return real_train(cfg, on_step_end=stop, **kwargs)
+
+    cfg = _cfg(tmp_path / "b", tiny_model_dir, methods=methods)
+    monkeypatch.setattr(training, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, log=lambda *_: None)
+    monkeypatch.setattr(training, "train", real_train)
+    kept = tmp_path / "b" / "exp" / "train" / ".dpo-beta0.1.tmp" / "run" / "checkpoints" / "step-0000001"
+    assert kept.is_dir()
+    logs: list[str] = []
+    run_experiment(cfg, log=logs.append)
+    assert "[resume] dpo-beta0.1" in logs
+    weights = [
+        load_file(root / "exp" / "train" / "dpo-beta0.1" / "run" / "model" / "model.safetensors")
+        for root in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

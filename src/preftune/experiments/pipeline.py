@@ -26,6 +26,7 @@ import torch
 from ..config import TrainConfig
 from ..logprobs import score_responses
 from ..models import load_model, load_tokenizer, resolve_model_path
+from ..training.checkpoint import latest_checkpoint
 from . import metrics as M
 from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config
 from .generate import sample_responses
@@ -110,10 +111,10 @@ class Experiment:
         path = self.root / name
         return read_stage(path.parent, path.name)
 
-    def _stage(self, name: str, inputs: dict, fn) -> Path:
+    def _stage(self, name: str, inputs: dict, fn, *, resumable: bool = False) -> Path:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        out, _ = run_stage(path.parent, path.name, inputs, fn, log=self.log)
+        out, _ = run_stage(path.parent, path.name, inputs, fn, log=self.log, resumable=resumable)
         return out
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -251,11 +252,12 @@ class Experiment:
                     ref = (
                         None if tcfg.method == "simpo" else self.root / "reference" / "ref_logps.safetensors"
                     )
-                    self.log(f"== training {_run_name(run, beta)}")
-                    train(tcfg, ref_logps_file=ref, log=self.log)
+                    resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
+                    self.log(f"== training {_run_name(run, beta)}" + (" (resuming)" if resume else ""))
+                    train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
                     return json.loads((out / "run" / "result.json").read_text())
 
-                self._stage(stage, inputs, fn)
+                self._stage(stage, inputs, fn, resumable=True)
                 done.append((name, run, beta))
         return done
 

@@ -147,6 +147,7 @@ def run_stage(
     fn: Callable[[Path], dict | None],
     *,
     log: Callable[[str], Any] = print,
+    resumable: bool = False,
 ) -> tuple[Path, bool]:
     """Run ``fn`` into ``root/name`` unless a finished run with the same inputs is there.
 
@@ -162,6 +163,10 @@ def run_stage(
     Returns:
         ``(stage_dir, ran)``: ``ran`` is False when the cached result was reused.
 
+    With ``resumable``, a Ctrl-C (KeyboardInterrupt) keeps the temporary folder, and the next run
+    with the same inputs hands it back to ``fn`` as it was (``fn`` continues from what it finds
+    there, e.g. a training checkpoint). Otherwise, and for any other exception, the folder goes.
+
     If ``fn`` raises, its temporary folder is deleted and the exception propagates; an
     existing ``root/name`` from earlier inputs is left untouched (its fingerprint no
     longer matches, so it will not be mistaken for the new result).
@@ -174,11 +179,17 @@ def run_stage(
         log(f"[skip] {name} (cached)")
         return stage_dir, False
 
-    log(f"[run] {name}")
     tmp_dir = root / f".{name}.tmp"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
+    marker = tmp_dir / ".inputs-fingerprint"
+    if resumable and marker.is_file() and marker.read_text() == fp:
+        log(f"[resume] {name}")
+    else:
+        log(f"[run] {name}")
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        if resumable:
+            marker.write_text(fp)
     try:
         summary = fn(tmp_dir)
         if summary is not None and not isinstance(summary, dict):
@@ -190,6 +201,11 @@ def run_stage(
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(tmp_dir / STAGE_FILE, record)
+        marker.unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        if not resumable:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
