@@ -43,7 +43,10 @@ class StepPlan:
 
     @property
     def micro_per_epoch(self) -> int:
-        return math.ceil(self.n / (self.batch_size * self.world_size))
+        # with several processes, a last micro-batch too small to give every rank a pair is dropped,
+        # so that all ranks take the same steps
+        size = self.batch_size * self.world_size
+        return self.n // size + (1 if self.n % size >= self.world_size else 0)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -55,7 +58,7 @@ class StepPlan:
             perm = torch.randperm(self.n, generator=gen).tolist()
             size = self.batch_size * self.world_size
             micro = [perm[i : i + size][self.rank :: self.world_size] for i in range(0, self.n, size)]
-            self._cache = {epoch: [m for m in micro if m]}
+            self._cache = {epoch: micro[: self.micro_per_epoch]}
         return self._cache[epoch]
 
     def step(self, step: int) -> tuple[int, list[list[int]]]:

@@ -121,22 +121,31 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     return Prepared(cfg, model_path, tokenizer, examples, stats)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Create the run directory; returns the checkpoint to resume from (or None)."""
+def check_run_dir(
+    run_dir: Path, *, resume: bool, overwrite: bool, cfg: TrainConfig | None = None
+) -> Path | None:
+    """Read-only checks of the run directory (every process runs them, so all fail alike); returns the
+    checkpoint to resume from, or None."""
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunDirError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+        if cfg is not None:
+            _check_resume_config(run_dir / "config.yaml", cfg)
         return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"run directory {run_dir} already exists; pass --resume to continue it, "
-                "--overwrite to replace it, or set training.output_dir to a new folder"
-            )
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or set training.output_dir to a new folder"
+        )
+    return None
+
+
+def create_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Create (with ``overwrite``: empty) the run directory; the main process's job."""
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 # keys that may change between an interrupted run and its resumption (length, display, bookkeeping)
@@ -226,16 +235,22 @@ def train(
 
     prep = prepare(cfg, log)
     run_dir = Path(cfg.training.output_dir)
-    resume_from = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    accelerator = Accelerator(log_with=cfg.training.report_to or None, project_dir=str(run_dir))
+    main = accelerator.is_main_process
+    resume_from = check_run_dir(run_dir, resume=resume, overwrite=overwrite, cfg=cfg)  # every process
+    accelerator.wait_for_everyone()  # all have checked before the main process changes anything
     summary = prep.summary()
-    log(json.dumps(summary, indent=2))
-    if resume_from is not None:
-        _check_resume_config(run_dir / "config.yaml", cfg)
-    _write_atomic(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
-    _write_atomic(run_dir / "data_summary.json", json.dumps(summary, indent=2))
+    if main:
+        if resume_from is None:
+            create_run_dir(run_dir, overwrite=overwrite)
+        log(json.dumps(summary, indent=2))
+        _write_atomic(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+        _write_atomic(run_dir / "data_summary.json", json.dumps(summary, indent=2))
+        if ref_logps_file is not None and resume_from is None and cfg.method not in REFERENCE_FREE:
+            shutil.copyfile(ref_logps_file, run_dir / "ref_logps.safetensors")
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.training.seed)
-    accelerator = Accelerator(log_with=cfg.training.report_to or None, project_dir=str(run_dir))
     if cfg.training.report_to:
         accelerator.init_trackers(run_dir.name, config=json.loads(json.dumps(cfg.to_dict(), default=str)))
     model = _build_model(cfg, prep, resume_from).to(accelerator.device)
@@ -248,9 +263,8 @@ def train(
     else:
         family = PairFamily(cfg, prep.examples, prep.tokenizer.pad_token_id, device)
         if family.needs_ref:
-            if ref_logps_file is not None and resume_from is None:
-                shutil.copyfile(ref_logps_file, run_dir / "ref_logps.safetensors")
-            _setup_reference(cfg, prep, family, model, run_dir, resume_from, log)
+            _setup_reference(cfg, prep, family, model, run_dir, resume_from, log, save=main)
+        accelerator.wait_for_everyone()  # every process has read or computed the reference before it is written
 
     eval_fn = None
     if "eval" in prep.examples:
@@ -293,7 +307,9 @@ def train(
     return run_dir
 
 
-def _setup_reference(cfg, prep, family: PairFamily, model, run_dir: Path, resume_from, log) -> None:
+def _setup_reference(
+    cfg, prep, family: PairFamily, model, run_dir: Path, resume_from, log, save: bool = True
+) -> None:
     """Precomputed reference log-probs (cached in the run dir for resume), or an on-the-fly reference."""
     from safetensors.torch import load_file, save_file
 
@@ -323,7 +339,11 @@ def _setup_reference(cfg, prep, family: PairFamily, model, run_dir: Path, resume
     started = time.time()
     n = sum(len(v) for v in prep.examples.values())
     family.precompute_reference(model, cfg.training.eval_batch_size)
-    save_file({k: v.contiguous() for k, v in family.ref.items()}, cache)
+    if not save:
+        return
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    save_file({k: v.contiguous() for k, v in family.ref.items()}, tmp)
+    os.replace(tmp, cache)
     log(f"reference log-probs for {n} pairs in {time.time() - started:.1f}s (cached in {cache})")
 
 
