@@ -111,6 +111,17 @@ def _hold_interrupt():
         raise KeyboardInterrupt
 
 
+def _sum_over_processes(accelerator, acc: dict[str, float], n: int, tokens: int) -> tuple[dict, int, int]:
+    """Example-weighted metric sums, example and token counts summed over all processes (so the logged
+    metrics are the global batch's, not the main process's share)."""
+    if accelerator.num_processes == 1:
+        return acc, n, tokens
+    keys = sorted(acc)
+    local = torch.tensor([float(n), float(tokens)] + [acc[k] for k in keys], dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    return dict(zip(keys, total[2:].tolist())), int(total[0]), int(total[1])
+
+
 def _weighted_mean(acc: dict[str, float], n: int) -> dict[str, float]:
     return {k: v / max(n, 1) for k, v in acc.items()}
 
@@ -207,6 +218,7 @@ def fit(
                 completed = step + 1
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
+            acc, n_examples, tokens = _sum_over_processes(accelerator, acc, n_examples, tokens)
             row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
             row.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / elapsed, examples=n_examples)
             last = row
