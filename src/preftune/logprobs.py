@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data.collate import pack_sequences
 from .models import unwrap
 
 _SPECIAL_HEAD_KEYS = (
@@ -90,23 +91,6 @@ def sequence_logps(
     sums = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)  # (N,)
     lengths = response_mask[:, 1:].sum(dim=1)  # (N,)
     return sums, lengths
-
-
-def pack_sequences(
-    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response rows with the response mask (the layout ``collate_pairs`` uses)."""
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    response_mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-        response_mask[i, len(p) : len(s)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 @torch.inference_mode()

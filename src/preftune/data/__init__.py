@@ -1,6 +1,6 @@
 """The data layer: rows -> examples -> batch (load, validate, tokenise, collate). See docs/data.md."""
 
-from preftune.data.collate import collate_pairs, collate_prompts
+from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences
 from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
 from preftune.data.tokenize import (
     TokenizeStats,
@@ -19,6 +19,7 @@ __all__ = [
     "TokenizeStats",
     "collate_pairs",
     "collate_prompts",
+    "pack_sequences",
     "load_rows",
     "prompt_ids",
     "response_ids",

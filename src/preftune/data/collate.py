@@ -15,6 +15,24 @@ import torch
 from preftune.data.types import PairExample
 
 
+def pack_sequences(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response rows: ``input_ids``, ``attention_mask`` (N, T) long and
+    ``response_mask`` (N, T) bool, True exactly at response tokens (never prompt or padding)."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    n = len(prompts)
+    input_ids = torch.full((n, T), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((n, T), dtype=torch.long)  # (N, T)
+    response_mask = torch.zeros((n, T), dtype=torch.bool)  # (N, T)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        n_prompt, end = len(prompt), len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        attention_mask[row, :end] = 1
+        response_mask[row, n_prompt:end] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
 def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Batch ``B`` pairs; ``T`` is the longest prompt + response.
 
@@ -30,23 +48,11 @@ def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[st
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
-    sequences = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [
-        (ex.prompt_ids, ex.rejected_ids) for ex in examples
-    ]
-    T = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (2B, T)
-    response_mask = torch.zeros((len(sequences), T), dtype=torch.bool)  # (2B, T)
-    for row, (prompt, response) in enumerate(sequences):
-        n_prompt, n = len(prompt), len(prompt) + len(response)
-        input_ids[row, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        attention_mask[row, :n] = 1
-        response_mask[row, n_prompt:n] = True
-
+    prompts = [ex.prompt_ids for ex in examples] * 2
+    responses = [ex.chosen_ids for ex in examples] + [ex.rejected_ids for ex in examples]
+    packed = pack_sequences(prompts, responses, pad_token_id)  # (2B, T) each
     batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
+        **packed,
         "index": torch.tensor([ex.index for ex in examples], dtype=torch.long),  # (B,)
         "chosen_lengths": torch.tensor([len(ex.chosen_ids) for ex in examples], dtype=torch.long),
         "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples], dtype=torch.long),

@@ -22,6 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ..data.collate import collate_prompts
+from ..data.tokenize import prompt_ids as tokenize_prompt
+
 
 @dataclass
 class Samples:
@@ -59,28 +62,12 @@ class Samples:
 
 
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    bos = tokenizer.bos_token_id
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]  # the text already started with BOS and the tokenizer added another
+    """Plain-text prompts through the data layer's prompt rule (one BOS where the tokenizer adds one)."""
+    encoded = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    for i, ids in enumerate(encoded):
         if not ids:
-            raise ValueError(f"prompt {i} ({prompt!r}) tokenises to no tokens")
-        encoded.append(ids)
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
     return encoded
-
-
-def _left_pad(batch: list[list[int]], pad_id: int):
-    import torch
-
-    length = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # (B, L)
-    for row, ids in enumerate(batch):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
 def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
@@ -158,7 +145,8 @@ def sample_responses(
     try:
         for b, first in enumerate(range(0, len(rows), batch_size)):
             batch = [prompt_ids[i] for i in rows[first : first + batch_size]]
-            input_ids, attention_mask = _left_pad(batch, pad_id)  # (B, L)
+            padded = collate_prompts(batch, pad_id)
+            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]  # (B, L)
             with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
                 torch.manual_seed(seed + b)
                 out = model.generate(

@@ -272,15 +272,14 @@ class Experiment:
         rewards = [s for r in records for s in r["scores"]]
         pad = self.tokenizer.pad_token_id
         bs = ec.logp_batch_size
-        policy_logps, _ = score_responses(model, prompts, responses, pad_token_id=pad, batch_size=bs)
-        if model is self.base:
-            ref_logps = policy_logps
-        else:
-            ref_logps, _ = score_responses(self.base, prompts, responses, pad_token_id=pad, batch_size=bs)
         summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards))))
-        summary.update(
-            dict(zip(("kl_mean", "kl_se"), M.sequence_kl(policy_logps.tolist(), ref_logps.tolist())))
-        )
+        if model is self.base:  # log π_θ − log π_ref is 0 for every sample: no forward pass needed
+            summary.update(kl_mean=0.0, kl_se=0.0)
+        else:
+            policy_logps, _ = score_responses(model, prompts, responses, pad_token_id=pad, batch_size=bs)
+            ref_logps, _ = score_responses(self.base, prompts, responses, pad_token_id=pad, batch_size=bs)
+            kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist())
+            summary.update(kl_mean=kl[0], kl_se=kl[1])
         if held_pairs:
             summary.update(self._agreement(model, held_pairs))
         write_json_atomic(out / "rewards.json", rewards)

@@ -82,8 +82,8 @@ def vader_reward(prompts: list[str], responses: list[str]) -> list[float]:
 class RewardModelScorer:
     """Scores ``prompt + response`` with a local sequence-classification model (one logit).
 
-    The model is loaded with ``AutoModelForSequenceClassification.from_pretrained(path)``
-    (``trust_remote_code=False``), put in eval mode and run without gradients. Texts are
+    The model is loaded through :func:`preftune.models.load_model` (safetensors only,
+    ``trust_remote_code=False``), put in eval mode and run without gradients. Texts are
     right-padded (the classification head reads the last non-pad token); a tokenizer
     without a pad token uses its EOS token. Texts longer than ``max_length`` tokens are
     truncated from the right.
@@ -98,7 +98,9 @@ class RewardModelScorer:
         max_length: int = 1024,
     ):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig
+
+        from ..models import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,20 +112,13 @@ class RewardModelScorer:
         self.max_length = max_length
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token_id is None:
-                raise ValueError(f"reward model tokenizer at {path} has neither a pad nor an EOS token")
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
-        if model.config.num_labels != 1:
-            raise ValueError(
-                f"reward model at {path} has num_labels={model.config.num_labels}; a scalar reward needs 1"
-            )
-        model.config.pad_token_id = tokenizer.pad_token_id  # how the head finds the last real token
+        num_labels = AutoConfig.from_pretrained(path).num_labels
+        if num_labels != 1:
+            raise ValueError(f"reward model at {path} has num_labels={num_labels}; a scalar reward needs 1")
+        # the one model-loading path: safetensors only, no remote code, pad = EOS when the tokenizer has none
+        self.tokenizer = load_tokenizer(str(path))
+        self.tokenizer.padding_side = "right"
+        model = load_model(str(path), sequence_classification=True, pad_token_id=self.tokenizer.pad_token_id)
         self.model = model.to(self.device).eval()
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:

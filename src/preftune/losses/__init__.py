@@ -7,6 +7,7 @@ reward-model loss is separate (it takes scores, not log-probs). See docs/methods
 from preftune.losses.pairwise import (
     ODPO_OFFSETS,
     LossOutput,
+    OffsetDomainError,
     dpo_loss,
     hinge_loss,
     ipo_loss,
@@ -31,6 +32,7 @@ __all__ = [
     "ODPO_OFFSETS",
     "PAIR_LOSSES",
     "LossOutput",
+    "OffsetDomainError",
     "bradley_terry_loss",
     "dpo_loss",
     "hinge_loss",

@@ -178,14 +178,23 @@ def odpo_offset(
     return alpha * (s_w - s_l)  # Delta = alpha (s_w - s_l)
 
 
+class OffsetDomainError(ValueError):
+    """Scores outside the ODPO offset's domain; ``rows`` holds every offending row index."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
+
+
 def _check_rows(ok: torch.Tensor, s_w: torch.Tensor, s_l: torch.Tensor, why: str) -> None:
     bad = (~ok).nonzero().flatten().tolist()
     if bad:
         shown = bad[:10]
         values = ", ".join(f"({s_w[i].item():.7g}, {s_l[i].item():.7g})" for i in shown)
         more = f" (showing the first {len(shown)})" if len(bad) > len(shown) else ""
-        raise ValueError(
-            f"ODPO: {why}; {len(bad)} bad row(s){more}: rows {shown} with (chosen, rejected) scores [{values}]"
+        raise OffsetDomainError(
+            f"ODPO: {why}; {len(bad)} bad row(s){more}: rows {shown} with (chosen, rejected) scores [{values}]",
+            bad,
         )
 
 

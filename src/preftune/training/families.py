@@ -37,14 +37,16 @@ def pair_loss(method: str, method_cfg, pc, pr, batch: dict) -> LossOutput:
 
 
 def _reference_logps(model, ref_model, batch: dict) -> torch.Tensor:
-    """(2B,) reference log-probs: a frozen copy, or the policy with LoRA adapters off."""
+    """(2B,) reference log-probs: a frozen copy, the policy with LoRA adapters off, or — for full
+    fine-tuning before the first step, when nothing else is set — the policy itself."""
+    seq = (batch[k] for k in _SEQ_KEYS)
     with torch.no_grad():
         if ref_model is not None:
-            return sequence_logps(ref_model, *(batch[k] for k in _SEQ_KEYS))[0]
+            return sequence_logps(ref_model, *seq)[0]
         if is_peft(model):
             with model.disable_adapter():
-                return sequence_logps(model, *(batch[k] for k in _SEQ_KEYS))[0]
-        raise RuntimeError("no reference: full fine-tuning without precompute_ref needs a reference copy")
+                return sequence_logps(model, *seq)[0]
+        return sequence_logps(model, *seq)[0]
 
 
 class PairFamily:
@@ -69,7 +71,7 @@ class PairFamily:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
         return batch
 
-    def precompute_reference(self, model, batch_size: int, progress=None) -> dict[str, torch.Tensor]:
+    def precompute_reference(self, model, batch_size: int) -> dict[str, torch.Tensor]:
         """One no-grad pass over every split: (N, 2) [chosen, rejected] reference log-probs, on CPU."""
         was_training = model.training
         model.eval()
@@ -78,22 +80,18 @@ class PairFamily:
             for start in range(0, len(examples), batch_size):
                 idx = list(range(start, min(start + batch_size, len(examples))))
                 batch = self.make_batch(split, idx)
-                if self.ref_model is None and not is_peft(model):
-                    with (
-                        torch.no_grad()
-                    ):  # full fine-tuning before the first step: the policy is the reference
-                        logps = sequence_logps(model, *(batch[k] for k in _SEQ_KEYS))[0]
-                else:
-                    logps = _reference_logps(model, self.ref_model, batch)
+                logps = _reference_logps(model, self.ref_model, batch)
                 out[idx] = logps.view(2, -1).T.float().cpu()
-                if progress is not None:
-                    progress(len(idx))
             self.ref[split] = out
         model.train(was_training)
         return self.ref
 
     def compute(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         if self.needs_ref and "ref_chosen_logps" not in batch:
+            if self.ref_model is None and not is_peft(model):
+                raise RuntimeError(
+                    "no reference: full fine-tuning without precompute_ref needs a reference copy"
+                )
             ref = _reference_logps(model, self.ref_model, batch)
             b = batch["index"].shape[0]
             batch = {**batch, "ref_chosen_logps": ref[:b], "ref_rejected_logps": ref[b:]}

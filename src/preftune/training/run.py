@@ -19,7 +19,7 @@ import torch
 
 from ..config import REFERENCE_FREE, TrainConfig, dump_yaml
 from ..data import DataError, PairExample, TokenizeStats, load_rows, split_rows, tokenize_rows, validate_rows
-from ..losses import odpo_offset
+from ..losses import OffsetDomainError, odpo_offset
 from ..models import add_lora, load_model, load_tokenizer, resolve_model_path, save_model
 from .checkpoint import latest_checkpoint
 from .families import PairFamily, RewardModelFamily
@@ -72,24 +72,12 @@ def _check_odpo_scores(cfg: TrainConfig, examples: list[PairExample], split: str
     s_l = torch.tensor([e.score_rejected for e in examples], dtype=torch.float64)
     try:
         odpo_offset(s_w, s_l, alpha=cfg.odpo.alpha, offset=cfg.odpo.offset)
-    except ValueError as exc:
-        bad = [e.source for e in examples if not _offset_ok(e, cfg.odpo.offset)]
+    except OffsetDomainError as exc:
+        bad = [examples[i].source for i in exc.rows]
         where = "; ".join(bad[:10]) + (f"; ... and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise DataError(
             f"{split} data: ODPO offset {cfg.odpo.offset!r} undefined for {where}: {exc}"
         ) from None
-
-
-def _offset_ok(e: PairExample, offset: str) -> bool:
-    try:
-        odpo_offset(
-            torch.tensor([e.score_chosen], dtype=torch.float64),
-            torch.tensor([e.score_rejected], dtype=torch.float64),
-            offset=offset,
-        )
-        return True
-    except ValueError:
-        return False
 
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared:
