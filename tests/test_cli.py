@@ -132,7 +132,7 @@ def test_validate_prints_summary_and_writes_nothing(config_path, tmp_path, tiny_
         assert "parameters" not in summary
     else:
         assert summary["parameters"] == summary["trainable_parameters"] > 0
-        assert summary["reference"] == "frozen copy"
+        assert summary["reference"] == "precomputed"  # no copy: the policy before its first step
     assert _files(tmp_path) == before and _files(tiny_model_dir) == model_before
     assert not (tmp_path / "run").exists()
 

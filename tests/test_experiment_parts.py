@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from preftune.experiments import metrics, rewards
-from preftune.experiments.generate import Samples, sample_responses
+from preftune import rewards
+from preftune.experiments import metrics
 from preftune.experiments.pairs import build_pairs
 from preftune.experiments.prompts import load_prompts
 from preftune.experiments.report import (
@@ -24,7 +24,9 @@ from preftune.experiments.report import (
     write_report_md,
     write_results,
 )
-from preftune.experiments.stages import fingerprint, read_jsonl, read_stage, run_stage, write_jsonl_atomic
+from preftune.experiments.stages import fingerprint, read_stage, run_stage
+from preftune.files import read_jsonl, write_jsonl_atomic
+from preftune.sampling import Samples, sample_responses
 
 # ---- prompts -------------------------------------------------------------------------
 

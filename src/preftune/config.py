@@ -66,6 +66,20 @@ class DataConfig:
     max_prompt_length: int = 256
 
 
+@dataclass
+class GenerationConfig:
+    """How responses are sampled (the experiment's ``sample``/``eval`` sections and online methods share it).
+
+    temperature 1 and top_p 1 are plain ancestral sampling from the model (what a KL estimate from the
+    samples needs); temperature 0 is greedy.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generate call
+
+
 # --- training -------------------------------------------------------------------------------------------
 
 
@@ -145,7 +159,6 @@ METHOD_SECTIONS: dict[str, type] = {
     "simpo": SimPOConfig,
     "reward_model": RewardModelConfig,
 }
-REFERENCE_FREE = {"simpo", "reward_model"}
 
 
 @dataclass

@@ -1,47 +1,65 @@
 """The one log-prob path: log π(y|x) summed over response tokens, in fp32.
 
-The backbone runs on the whole sequence, but the LM head and the log-softmax run on response positions
-only (a (M, H) gather before the (H, V) projection), so the (N, T, V) logits tensor of a plain forward is
-never built. Models whose head is not a plain projection of the last hidden state (logit soft-capping,
-logit scaling) take the slow path: a full forward, then the same gather. Both paths are tested against
-each other.
+The model runs its own forward (so DDP, FSDP and PEFT wrappers see an ordinary call and synchronise
+gradients as usual), but a forward pre-hook on its output-embedding module hands the LM head only the
+hidden states of response positions: a (M, H) gather before the (H, V) projection, so the (N, T, V) logits
+tensor of a plain forward is never built. Whatever the model does to its hidden states before the head, and
+element-wise to the logits after it (scaling, soft-capping), still happens. The head runs with autocast off,
+in its weights' dtype (fp32 master weights under mixed precision), and the log-softmax in fp32. A model
+whose forward does not hand the head (N, T, H) hidden states exactly once takes the slow path (a full
+forward, then the same gather); both paths are tested against each other.
+
+Inputs go to the device of the model's parameters (the one placement rule, :func:`preftune.models.to_device`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from .data.collate import pack_sequences
-from .models import unwrap
-
-_SPECIAL_HEAD_KEYS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "lm_head_multiplier",
-    "output_multiplier_scale",
-)
+from .models import device_of, unwrap
 
 
-def _fast_parts(model):
+def _output_head(model) -> torch.nn.Module | None:
     hf = unwrap(model)
-    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    config = getattr(hf, "config", None)
-    if backbone is None or head is None or config is None:
-        return None
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _SPECIAL_HEAD_KEYS):
-        return None
-    return backbone, head
+    return head if isinstance(head, torch.nn.Module) else None
 
 
-def _project(head, hidden: torch.Tensor) -> torch.Tensor:
-    """(M, H) hidden -> (M, V) fp32 logits."""
-    if type(head) is torch.nn.Linear:
-        bias = None if head.bias is None else head.bias.float()
-        return F.linear(hidden.float(), head.weight.float(), bias)
-    return head(hidden).float()
+@contextlib.contextmanager
+def _head_on_positions(head: torch.nn.Module, positions: torch.Tensor, device_type: str):
+    """While active, ``head`` sees hidden[:, :-1][positions] (M, H) instead of hidden (N, T, H), with
+    autocast off and the input in the head's weight dtype; it must be called exactly once."""
+    autocast_was = torch.is_autocast_enabled(device_type)
+    weight = getattr(head, "weight", None)
+    calls: list[int] = []
+
+    def before(module, args):
+        hidden = args[0]
+        if calls or hidden.dim() != 3 or hidden.shape[:2] != positions.shape[:1] + (positions.shape[1] + 1,):
+            raise _NotFast
+        calls.append(1)
+        picked = hidden[:, :-1][positions]  # (M, H)
+        torch.set_autocast_enabled(device_type, False)
+        return (picked.to(weight.dtype) if isinstance(weight, torch.Tensor) else picked,) + tuple(args[1:])
+
+    def after(module, args, output):
+        torch.set_autocast_enabled(device_type, autocast_was)
+
+    handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_autocast_enabled(device_type, autocast_was)
+
+
+class _NotFast(Exception):
+    """The model's forward does not fit the response-only head; use the full forward."""
 
 
 def token_logps(
@@ -56,21 +74,29 @@ def token_logps(
 
     Args: input_ids, attention_mask (N, T); response_mask (N, T) bool, True where input_ids[:, t] is a
     response token. Returns (logps (M,) fp32, row (M,) long): the log-prob of each response token and
-    the row it belongs to, M = response_mask[:, 1:].sum().
+    the row it belongs to, M = response_mask[:, 1:].sum(). Both on the model's device.
     """
+    device = device_of(model)
+    input_ids, attention_mask, response_mask = (
+        t.to(device) for t in (input_ids, attention_mask, response_mask)
+    )
     targets_mask = response_mask[:, 1:]  # (N, T-1): token t+1 is predicted at position t
     targets = input_ids[:, 1:][targets_mask]  # (M,)
     rows = torch.nonzero(targets_mask, as_tuple=True)[0]  # (M,)
-    parts = _fast_parts(model) if fast else None
-    if parts is not None:
-        backbone, head = parts
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        logits = _project(head, hidden[:, :-1][targets_mask])  # (M, V) fp32
-    else:
-        logits = (
-            model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][targets_mask].float()
-        )
-    logps = -F.cross_entropy(logits, targets, reduction="none")  # (M,) = log_softmax(logits)[targets]
+    head = _output_head(model) if fast else None
+    logits = None
+    if head is not None:
+        try:
+            with _head_on_positions(head, targets_mask, device.type):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        except _NotFast:
+            logits = None
+        if logits is not None and logits.shape[:-1] != targets.shape:
+            logits = None  # the model reshaped the head's output: not a per-position head
+    if logits is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, :-1][targets_mask]  # (M, V)
+    logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) = log_softmax(logits)[targets]
     return logps, rows
 
 
@@ -89,7 +115,7 @@ def sequence_logps(
     logps, rows = token_logps(model, input_ids, attention_mask, response_mask, fast=fast)
     n = input_ids.shape[0]
     sums = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)  # (N,)
-    lengths = response_mask[:, 1:].sum(dim=1)  # (N,)
+    lengths = response_mask[:, 1:].sum(dim=1).to(logps.device)  # (N,)
     return sums, lengths
 
 
@@ -103,15 +129,12 @@ def score_responses(
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) and |y| for many (prompt ids, response ids) pairs, batched; on CPU, in input order."""
-    device = next(model.parameters()).device
     sums, lengths = [], []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_token_id)
-        s, n = sequence_logps(
-            model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
-        )
+        s, n = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         sums.append(s.cpu())
         lengths.append(n.cpu())
     out_s = torch.empty(len(prompts), dtype=torch.float32)

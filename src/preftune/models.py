@@ -10,11 +10,12 @@ and caches a plain safetensors folder under ``$PREFTUNE_CACHE`` (default ``$XDG_
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
+
+from .files import atomic_dir
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,20 +56,15 @@ def embedded_model_dir(log=print) -> Path:
     gguf = _gguf_path()
     log(f"converting the embedded {EMBEDDED_NAME} GGUF to safetensors in {target} (once)")
     start = time.time()
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
     model.config.name_or_path = EMBEDDED_NAME
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    # a per-process temporary folder; if another process finished first, its folder is kept
+    with atomic_dir(target, tmp_name=f".{target.name}.tmp-{os.getpid()}", keep_existing=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     log(f"converted in {time.time() - start:.1f}s")
     return target
 
@@ -131,34 +127,53 @@ def add_lora(model, lora_cfg, *, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
+def unwrap_model(model):
+    """The model under any process or compile wrapper (DDP/FSDP ``.module``, ``torch.compile``'s
+    ``_orig_mod``): the PEFT model, or the plain transformers model. The one place wrappers are peeled."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "FullyShardedDataParallel",
+            "DeepSpeedEngine",
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def is_peft(model) -> bool:
+    """True for a PEFT (LoRA) model, also seen through DDP or compile wrappers."""
+    model = unwrap_model(model)
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
 def unwrap(model):
-    """The plain transformers model under a PEFT wrapper (LoRA layers stay injected)."""
+    """The plain transformers model under any wrapper and PEFT (LoRA layers stay injected)."""
+    model = unwrap_model(model)
     return model.get_base_model() if is_peft(model) else model
+
+
+def device_of(model) -> torch.device:
+    """The device of the model's parameters: where its inputs must go."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of ``batch`` on ``device`` (other values as they are). The one placement rule: a batch
+    goes to the device of the model that reads it."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def save_model(model, tokenizer, out_dir: Path, *, merge_lora: bool = False) -> None:
     """Write model/adapter + tokenizer to ``out_dir`` atomically (tmp folder, then rename)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_peft(model) and merge_lora:
-        import copy
+    with atomic_dir(out_dir) as tmp:
+        if is_peft(model) and merge_lora:
+            import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():  # swap: the old folder is removed only once the new one is in place
-        old = out_dir.parent / f".{out_dir.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import (
     ConfigError,
+    GenerationConfig,
     LoraConfig,
     TrainConfig,
     apply_overrides,
@@ -35,12 +36,8 @@ class PromptsConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(GenerationConfig):
     k: int = 4  # responses per training prompt
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 64
 
 
 @dataclass
@@ -76,12 +73,8 @@ class MethodRun:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationConfig):
     samples_per_prompt: int = 2
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 64
     logp_batch_size: int = 32
     pairs_mode: str = "best_vs_worst"  # held-out preference pairs for the avg-logp agreement diagnostic
 

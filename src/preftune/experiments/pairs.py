@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import math
 
-from .stages import write_jsonl_atomic
-
 MODES = ("all", "best_vs_worst")
 
-__all__ = ["MODES", "build_pairs", "write_jsonl_atomic"]
+__all__ = ["MODES", "build_pairs"]
 
 
 def _unique(record: dict, index: int) -> tuple[list[str], list[float], int]:

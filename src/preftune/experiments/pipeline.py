@@ -24,17 +24,19 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..logprobs import score_responses
 from ..models import load_model, load_tokenizer, resolve_model_path
+from ..rewards import load_reward
+from ..sampling import generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
+from ..training.reference import needs_reference
 from . import metrics as M
 from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config
-from .generate import sample_responses
 from .pairs import build_pairs
 from .prompts import load_prompts
 from .report import format_table, plot_frontier, plot_training_curves, write_report_md, write_results
-from .rewards import load_reward
-from .stages import file_sha256, read_jsonl, read_stage, run_stage, write_json_atomic, write_jsonl_atomic
+from .stages import file_sha256, read_stage, run_stage
 
 __all__ = ["load_experiment_config", "run_experiment"]
 
@@ -144,10 +146,7 @@ class Experiment:
             self.tokenizer,
             prompts,
             k=k,
-            max_new_tokens=sc.max_new_tokens,
-            temperature=sc.temperature,
-            top_p=sc.top_p,
-            batch_size=sc.batch_size,
+            **generation_kwargs(sc),
             seed=seed,
             progress=self.cfg.progress,
         )
@@ -207,22 +206,24 @@ class Experiment:
 
     def reference(self) -> None:
         """Reference log-probs of every pair under the starting model, shared by all runs."""
-        from ..training.families import PairFamily
-        from ..training.run import prepare
-
-        probe = self._train_cfg(MethodRun("dpo", [0.1]), 0.1, self.root / "unused")
-
-        def fn(out: Path) -> dict:
-            prep = prepare(probe, self.log)
-            family = PairFamily(probe, prep.examples, self.tokenizer.pad_token_id, torch.device("cpu"))
-            started = time.time()
-            family.precompute_reference(self.base, batch_size=self.cfg.eval.logp_batch_size)
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in family.ref.items()}, out / "ref_logps.safetensors")
-            return {"pairs": len(prep.examples["train"]), "seconds": time.time() - started}
+        from ..data import load_rows, tokenize_rows, validate_rows
+        from ..training.reference import build_reference, pair_reference_logps, save_pair_logps
 
         t = self.cfg.train
+
+        def fn(out: Path) -> dict:
+            rows = load_rows(self.root / "pairs" / "pairs.jsonl")
+            validate_rows(rows)
+            examples, _ = tokenize_rows(
+                rows, self.tokenizer, max_length=t.max_length, max_prompt_length=t.max_prompt_length
+            )
+            started = time.time()
+            reference = build_reference(self.base, during_training=False)
+            pad = self.tokenizer.pad_token_id
+            ref = pair_reference_logps(reference, examples, pad, self.cfg.eval.logp_batch_size)
+            save_pair_logps(out / "ref_logps.safetensors", {"train": ref})
+            return {"pairs": len(examples), "seconds": time.time() - started}
+
         inputs = {
             "pairs": self._fp("pairs"),
             "model": self.model_id,
@@ -244,14 +245,12 @@ class Experiment:
                 config = probe.to_dict()
                 config["training"].pop("progress")  # display only
                 inputs = {"pairs": self._fp("pairs"), "model": self.model_id, "config": config}
-                if probe.method != "simpo":
+                if needs_reference(probe):
                     inputs["reference"] = self._fp("reference")
 
                 def fn(out: Path, run=run, beta=beta) -> dict:
                     tcfg = self._train_cfg(run, beta, out / "run")
-                    ref = (
-                        None if tcfg.method == "simpo" else self.root / "reference" / "ref_logps.safetensors"
-                    )
+                    ref = self.root / "reference" / "ref_logps.safetensors" if needs_reference(tcfg) else None
                     resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
                     self.log(f"== training {_run_name(run, beta)}" + (" (resuming)" if resume else ""))
                     train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
@@ -381,7 +380,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> list[dict]:
     exp.prompts()
     exp.samples()
     exp.pairs()
-    if any(run.method != "simpo" for run in cfg.methods):
+    if any(needs_reference(train_config(cfg, run, run.betas[0], output_dir="-")) for run in cfg.methods):
         exp.reference()
     runs = exp.train_runs()
     rows = exp.evaluate_all(runs)

@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from .stages import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..files import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 RESULT_KEYS = (
     "method",

@@ -19,35 +19,23 @@ downstream ``inputs``::
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import replace_dir, to_json, write_json_atomic
+
 STAGE_FILE = "stage.json"
-
-
-def _to_json(obj: Any) -> Any:
-    """``json.dumps`` fallback: paths as strings, dataclasses as dicts, sets sorted."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"cannot fingerprint/serialise object of type {type(obj).__name__}: {obj!r}")
 
 
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, no whitespace, NaN rejected."""
     return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_to_json
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=to_json
     )
 
 
@@ -63,56 +51,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-# ---- atomic writes -------------------------------------------------------------------
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
-    """Pretty JSON (sorted keys are *not* forced, so row order and key order survive)."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False, default=_to_json)
-    return write_text_atomic(path, text + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
-    """One JSON object per line, written atomically. Non-finite floats are rejected."""
-    lines = [json.dumps(row, ensure_ascii=False, allow_nan=False, default=_to_json) for row in rows]
-    return write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped); errors name the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: invalid JSON: {err}") from err
-    return rows
 
 
 # ---- stages --------------------------------------------------------------------------
@@ -210,12 +148,5 @@ def run_stage(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
-    old_dir = root / f".{name}.old"
-    if stage_dir.exists():
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
-        os.replace(stage_dir, old_dir)
-    os.replace(tmp_dir, stage_dir)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
+    replace_dir(tmp_dir, stage_dir)
     return stage_dir, True

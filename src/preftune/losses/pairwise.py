@@ -19,6 +19,7 @@ Where we depart from the papers or from TRL (also in docs/methods.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -267,3 +268,37 @@ def pair_metrics(
     if policy_rejected_logps is not None:
         metrics["logps/rejected"] = policy_rejected_logps.detach().float().mean().item()
     return metrics
+
+
+# --- how each pair method is fed ------------------------------------------------------------------------
+# The trainer computes these named (B,) inputs for a batch; each method lists the ones its loss takes,
+# in its positional order. A method that takes no reference log-probs is reference-free, and then no
+# reference model is loaded or run.
+
+POLICY = ("policy_chosen_logps", "policy_rejected_logps")
+REFERENCE = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass(frozen=True)
+class PairMethod:
+    """A pair method: its loss function and the named batch inputs it takes, in order."""
+
+    loss: Callable[..., LossOutput]
+    inputs: tuple[str, ...]
+
+    @property
+    def reference_free(self) -> bool:
+        return not set(REFERENCE) & set(self.inputs)
+
+    def __call__(self, inputs: dict[str, torch.Tensor], **options) -> LossOutput:
+        return self.loss(*(inputs[name] for name in self.inputs), **options)
+
+
+PAIR_METHODS: dict[str, PairMethod] = {
+    "dpo": PairMethod(dpo_loss, POLICY + REFERENCE),
+    "ipo": PairMethod(ipo_loss, POLICY + REFERENCE),
+    "hinge": PairMethod(hinge_loss, POLICY + REFERENCE),
+    "rpo": PairMethod(rpo_loss, POLICY + REFERENCE + ("chosen_lengths",)),
+    "odpo": PairMethod(odpo_loss, POLICY + REFERENCE + ("score_chosen", "score_rejected")),
+    "simpo": PairMethod(simpo_loss, POLICY + ("chosen_lengths", "rejected_lengths")),
+}

@@ -1,5 +1,8 @@
-"""Training: the shared optimizer-step loop, the offline families, checkpoints, and the run driver."""
+"""Training: the shared engine (optimizer step, metrics, checkpoints), the offline loop and its families
+(pairs, reward model), the reference model, and the run driver."""
 
-from .run import Prepared, RunDirError, prepare, train, validate
+from .prepare import Prepared, prepare
+from .run import TRAINERS, train, validate
+from .rundir import RunDirError
 
-__all__ = ["Prepared", "RunDirError", "prepare", "train", "validate"]
+__all__ = ["Prepared", "RunDirError", "TRAINERS", "prepare", "train", "validate"]

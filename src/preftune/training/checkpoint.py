@@ -1,19 +1,20 @@
 """Checkpoints in one format: ``checkpoints/step-NNNNNNN/`` holding ``model/`` (the standard
 save_pretrained folder, or the LoRA adapter), ``optimizer.pt`` and ``scheduler.pt`` (plain tensor dicts,
 loaded with ``weights_only=True``), ``rng.safetensors`` and ``trainer_state.json``. Each is written to a
-temporary folder and renamed, so a checkpoint either exists whole or not at all.
+temporary folder and renamed (:func:`preftune.files.atomic_dir`), so a checkpoint either exists whole or not
+at all; older checkpoints are rotated out only after the new one is complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_dir
 from ..models import save_model
 
 STATE_FILE = "trainer_state.json"
@@ -51,20 +52,13 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep: int
 ) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, tokenizer, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    save_file(_rng_state(), tmp / "rng.safetensors")
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:  # a failed write leaves no partial folder and the older checkpoints intact
+        save_model(model, tokenizer, tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_file(_rng_state(), tmp / "rng.safetensors")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,4 +1,4 @@
-"""Reward functions for the controlled experiment: ``reward(prompts, responses) -> scores``.
+"""Reward functions: ``reward(prompts, responses) -> scores``, shared by the experiment and online training.
 
 The sentiment reward
 --------------------
@@ -100,7 +100,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoConfig
 
-        from ..models import load_model, load_tokenizer
+        from .models import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

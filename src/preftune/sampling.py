@@ -1,16 +1,16 @@
-"""Sample K continuations per prompt from a causal LM (step 2 of the controlled experiment).
+"""Sample K continuations per prompt from a causal LM: the one sampling path (offline experiment data,
+online training, ``preftune generate``).
 
-Prompts are plain text to be continued (review openings), not chat messages: each is
-tokenised with ``tokenizer(p, add_special_tokens=True)`` (a BOS token where the
-tokenizer adds one, never two), left-padded into batches with an attention mask built
-here, and continued by ``model.generate``. Rows are the prompts repeated K times in
+Prompts are tokenised by the data layer's prompt rule (:func:`preftune.data.prompt_ids`: a plain
+text gets one BOS token where the tokenizer adds one, never two), left-padded into batches with an
+attention mask built here, and continued by ``model.generate``. Rows are the prompts repeated K times in
 order (prompt 0 × K, prompt 1 × K, ...), ``batch_size`` rows per batch.
 
 Sampling is pure ancestral sampling from the model when ``temperature=1, top_p=1``:
 ``top_k=0`` and a neutral generation config are used, so defaults stored in the model's
 ``generation_config`` (repetition penalty, top-k 50, ...) do not apply. Only then are the
 samples draws from π_θ, which the sequence-level KL estimate in
-:func:`preftune.experiments.metrics.sequence_kl` assumes. ``temperature=0`` is greedy.
+a sequence-level KL estimate from the samples assumes. ``temperature=0`` is greedy.
 
 Reproducibility: batch b is generated after ``torch.manual_seed(seed + b)`` inside
 ``torch.random.fork_rng`` (the caller's RNG state is left as it was), so the same
@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..data.collate import collate_prompts
-from ..data.tokenize import prompt_ids as tokenize_prompt
+from .config import GenerationConfig
+from .data.collate import collate_prompts
+from .data.tokenize import prompt_ids as tokenize_prompt
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Samples:
         return prompts, [r for rs in self.responses for r in rs]
 
     def records(self, scores: list[float]) -> list[dict]:
-        """Records for :func:`preftune.experiments.pairs.build_pairs` from flat scores."""
+        """One record per prompt, ``{"prompt", "responses", "scores"}``, from flat scores."""
         n = sum(len(rs) for rs in self.responses)
         if len(scores) != n:
             raise ValueError(f"got {len(scores)} scores for {n} responses")
@@ -170,3 +171,13 @@ def sample_responses(
     return Samples(
         prompts=list(prompts), prompt_ids=prompt_ids, response_ids=response_ids, responses=responses
     )
+
+
+def generation_kwargs(gen: GenerationConfig) -> dict:
+    """The :func:`sample_responses` keywords of a generation section."""
+    return {
+        "max_new_tokens": gen.max_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "batch_size": gen.batch_size,
+    }

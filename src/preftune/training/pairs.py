@@ -1,0 +1,55 @@
+"""The pair methods' family (DPO family, ODPO, SimPO): batches of fixed pairs and their loss.
+
+Reference log-probs are precomputed once before training by default (``training.precompute_ref``): the
+reference is frozen and the pairs are fixed, so one no-grad pass replaces a reference forward per step,
+and full fine-tuning needs no second model copy (the policy *is* the reference before its first step).
+Otherwise π_ref runs on every batch (see :mod:`preftune.training.reference` for its forms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import TrainConfig
+from ..data import PairExample, collate_pairs
+from ..logprobs import sequence_logps
+from ..losses import PAIR_METHODS, pair_metrics
+from .reference import Reference
+
+_SEQ_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+class PairFamily:
+    """Batches and per-batch loss for the pair methods."""
+
+    def __init__(self, cfg: TrainConfig, examples: dict[str, Sequence[PairExample]], pad_token_id: int):
+        self.cfg = cfg
+        self.method = PAIR_METHODS[cfg.method]
+        self.examples = examples
+        self.pad_token_id = pad_token_id
+        self.ref_logps: dict[str, torch.Tensor] = {}  # split -> (N, 2) precomputed [chosen, rejected]
+        self.reference: Reference | None = None  # run on every batch when nothing is precomputed
+
+    def make_batch(self, split: str, indices: list[int]) -> dict:
+        batch = collate_pairs([self.examples[split][i] for i in indices], self.pad_token_id)
+        if split in self.ref_logps:
+            ref = self.ref_logps[split][torch.tensor(indices)]  # (B, 2)
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+        return batch
+
+    def compute(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, _ = sequence_logps(model, *(batch[k] for k in _SEQ_KEYS))  # (2B,) on the model's device
+        b = batch["index"].shape[0]
+        inputs = {k: v.to(logps.device) for k, v in batch.items() if v.dim() == 1}
+        inputs["policy_chosen_logps"], inputs["policy_rejected_logps"] = logps[:b], logps[b:]
+        if not self.method.reference_free and "ref_chosen_logps" not in inputs:
+            if self.reference is None:
+                raise RuntimeError(
+                    "no reference: the reference log-probs were neither precomputed nor set up"
+                )
+            ref = self.reference.sequence_logps(*(batch[k] for k in _SEQ_KEYS))  # (2B,)
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref[:b], ref[b:]
+        out = self.method(inputs, **vars(self.cfg.method_config))
+        return out.losses, pair_metrics(out, logps[:b], logps[b:])

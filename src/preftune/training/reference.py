@@ -1,0 +1,121 @@
+"""The reference model π_ref, in one place: who computes its log-probs, and the precomputed pair log-probs.
+
+π_ref is the starting model. It takes one of three forms, chosen by :func:`build_reference`:
+
+- ``"adapters_off"``: under LoRA, the policy itself with its adapters disabled — no second copy;
+- ``"copy"``: under full fine-tuning, when π_ref must run while the policy trains (on-the-fly reference for
+  pairs, the KL term of online methods), a frozen copy of the starting weights;
+- ``"initial"``: under full fine-tuning, before the first optimizer step, the policy itself. Used to
+  precompute the reference log-probs of fixed pairs once, so full fine-tuning of a pair method needs no
+  second copy at all.
+
+Every form runs without gradients and in eval mode, on the device of the model it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import PairExample, collate_pairs
+from ..files import save_safetensors_atomic
+from ..logprobs import sequence_logps, token_logps
+from ..losses import PAIR_METHODS
+from ..models import is_peft, unwrap_model
+
+KINDS = ("adapters_off", "copy", "initial")
+
+
+def needs_reference(cfg: TrainConfig) -> bool:
+    """Whether the method of ``cfg`` uses π_ref at all (the one place this is decided)."""
+    if cfg.method in PAIR_METHODS:
+        return not PAIR_METHODS[cfg.method].reference_free
+    return False  # reward_model
+
+
+class Reference:
+    """π_ref's log-probs for batches in the log-prob path's format (see :mod:`preftune.logprobs`)."""
+
+    def __init__(self, policy, kind: str, frozen=None):
+        if kind not in KINDS:
+            raise ValueError(f"reference kind must be one of {KINDS}, got {kind!r}")
+        if (kind == "copy") != (frozen is not None):
+            raise ValueError("a frozen model is given exactly for kind 'copy'")
+        if kind == "adapters_off" and not is_peft(policy):
+            raise ValueError("reference 'adapters_off' needs a LoRA (PEFT) policy")
+        self.policy = policy
+        self.kind = kind
+        self.frozen = frozen
+
+    @contextlib.contextmanager
+    def _model(self) -> Iterator[torch.nn.Module]:
+        model = self.frozen if self.kind == "copy" else self.policy
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.kind == "adapters_off":
+                    with unwrap_model(self.policy).disable_adapter():
+                        yield model
+                else:
+                    yield model
+        finally:
+            model.train(was_training)
+
+    def token_logps(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π_ref of the response tokens: (logps (M,), rows (M,)), as ``logprobs.token_logps``."""
+        with self._model() as model:
+            return token_logps(model, input_ids, attention_mask, response_mask)
+
+    def sequence_logps(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        """log π_ref(y|x) summed over response tokens, (N,) fp32."""
+        with self._model() as model:
+            return sequence_logps(model, input_ids, attention_mask, response_mask)[0]
+
+
+def build_reference(policy, *, during_training: bool, load_copy: Callable[[], torch.nn.Module] | None = None):
+    """The reference for ``policy``: adapters off under LoRA; else the policy itself when π_ref is only
+    needed before training (``during_training=False``); else a frozen copy — of the policy as it is now,
+    or, when ``load_copy`` is given (resuming: the policy is no longer the starting model), of its result."""
+    if is_peft(policy):
+        return Reference(policy, "adapters_off")
+    if not during_training:
+        return Reference(policy, "initial")
+    frozen = load_copy() if load_copy is not None else copy.deepcopy(unwrap_model(policy))
+    device = next(policy.parameters()).device
+    return Reference(policy, "copy", frozen.to(device).eval().requires_grad_(False))
+
+
+def pair_reference_logps(
+    reference: Reference, examples: Sequence[PairExample], pad_token_id: int, batch_size: int
+) -> torch.Tensor:
+    """(N, 2) [chosen, rejected] log π_ref of every pair, fp32 on CPU, in example order (one no-grad pass)."""
+    out = torch.empty(len(examples), 2)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate_pairs(chunk, pad_token_id)
+        logps = reference.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        out[start : start + len(chunk)] = logps.view(2, -1).T.float().cpu()  # (2B,) -> (B, 2)
+    return out
+
+
+def load_pair_logps(path: Path, examples: dict[str, Sequence[PairExample]]) -> dict[str, torch.Tensor]:
+    """Precomputed reference log-probs from ``path``, checked against the data's splits and sizes."""
+    from safetensors.torch import load_file
+
+    ref = load_file(path)
+    for split, split_examples in examples.items():
+        if split not in ref or ref[split].shape != (len(split_examples), 2):
+            raise RuntimeError(
+                f"{path} does not match the data ({split}: {len(split_examples)} pairs); delete it"
+            )
+    return ref
+
+
+def save_pair_logps(path: Path, ref: dict[str, torch.Tensor]) -> None:
+    save_safetensors_atomic(path, ref)

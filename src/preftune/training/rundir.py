@@ -1,0 +1,79 @@
+"""The run directory: refuse to overwrite it silently, create it, and check that a resumed run replays the
+interrupted run's settings."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..config import TrainConfig
+from .checkpoint import latest_checkpoint
+
+
+class RunDirError(RuntimeError):
+    """The run directory exists and neither --resume nor --overwrite was given (or cannot be resumed)."""
+
+
+def check_run_dir(
+    run_dir: Path, *, resume: bool, overwrite: bool, cfg: TrainConfig | None = None
+) -> Path | None:
+    """Read-only checks of the run directory (every process runs them, so all fail alike); returns the
+    checkpoint to resume from, or None."""
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise RunDirError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+        if cfg is not None:
+            _check_resume_config(run_dir / "config.yaml", cfg)
+        return ckpt
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or set training.output_dir to a new folder"
+        )
+    return None
+
+
+def create_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Create (with ``overwrite``: empty) the run directory; the main process's job."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# keys that may change between an interrupted run and its resumption (length, display, bookkeeping)
+_RESUMABLE_KEYS = {
+    "max_steps",
+    "epochs",
+    "progress",
+    "report_to",
+    "save_every",
+    "eval_every",
+    "keep_checkpoints",
+    "log_every",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resume_config(saved_path: Path, cfg: TrainConfig) -> None:
+    """A resumed run must replay the same data, model and optimizer settings as the interrupted one."""
+    import yaml
+
+    if not saved_path.is_file():
+        raise RunDirError(f"--resume: {saved_path} is missing")
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS}
+    diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if diff:
+        raise RunDirError(
+            f"--resume: the config differs from the interrupted run's ({saved_path}) in {', '.join(diff)}"
+        )
