@@ -612,7 +612,17 @@ def test_drops_keep_indices_contiguous(tiny_tokenizer, enc):
     examples, stats = tokenize_rows(rows, tiny_tokenizer, max_length=6, max_prompt_length=3)
     assert [(e.index, e.source) for e in examples] == [(0, "f line 1"), (1, "f line 3"), (2, "f line 6")]
     assert stats == TokenizeStats(
-        total=6, kept=3, prompt_truncated=0, response_truncated=1, dropped_empty=1, dropped_identical=2
+        total=6,
+        kept=3,
+        prompt_truncated=0,
+        response_truncated=1,
+        dropped_empty=1,
+        dropped_identical=2,
+        dropped=[  # named with file and line, so validate and train can report them
+            "f line 2: dropped, chosen and rejected are the same tokens",
+            "f line 4: dropped, a response has no token besides its EOS",
+            "f line 5: dropped, chosen and rejected are the same tokens after truncation",
+        ],
     )
 
 
@@ -645,8 +655,8 @@ def test_collate_pairs_exact_tensors():
         "index": torch.tensor([0, 1], dtype=torch.long),
         "chosen_lengths": torch.tensor([2, 4], dtype=torch.long),
         "rejected_lengths": torch.tensor([3, 2], dtype=torch.long),
-        "score_chosen": torch.tensor([1.0, 2.0], dtype=torch.float32),
-        "score_rejected": torch.tensor([0.0, 3.0], dtype=torch.float32),
+        "score_chosen": torch.tensor([1.0, 2.0], dtype=torch.float64),
+        "score_rejected": torch.tensor([0.0, 3.0], dtype=torch.float64),
     }
     assert set(batch) == set(expected)  # no "margin": the second example has none
     for key, value in expected.items():
@@ -661,7 +671,7 @@ def test_collate_pairs_optional_fields():
     ]
     batch = collate_pairs(examples, pad_token_id=3)
     assert "score_chosen" not in batch and "score_rejected" not in batch
-    assert torch.equal(batch["margin"], torch.tensor([1.5, -1.0], dtype=torch.float32))
+    assert torch.equal(batch["margin"], torch.tensor([1.5, -1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="at least one example"):
         collate_pairs([], pad_token_id=3)
 
@@ -731,3 +741,76 @@ def test_pre_tokenised_rows_are_used_exactly(tmp_path, tiny_tokenizer):
     partial = {k: v for k, v in row.items() if k != "rejected_ids"} | {"_source": "f.jsonl line 4"}
     with pytest.raises(DataError, match="f.jsonl line 4: field 'rejected_ids': missing"):
         validate_rows([partial])
+
+
+def test_split_rows_keeps_each_prompt_on_one_side():
+    rows = [{"prompt": f"p{i // 3}", "chosen": "a", "rejected": f"b{i}"} for i in range(30)]  # 10 prompts x 3
+    rows += [
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{i}"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z"}],
+        }
+        for i in range(3)
+    ]  # implicit prompt: one conversation prefix shared by three rows
+    for seed in range(5):
+        train, evaluation = split_rows(rows, eval_fraction=0.2, seed=seed)
+        key = lambda r: json.dumps(r.get("prompt") or r["chosen"][:1])  # noqa: E731
+        assert not {key(r) for r in train} & {key(r) for r in evaluation}
+        assert 6 <= len(evaluation) <= 8 and len(train) + len(evaluation) == 33
+    one_prompt = [{"prompt": "same", "chosen": "a", "rejected": f"b{i}"} for i in range(4)]
+    assert [len(p) for p in split_rows(one_prompt, eval_fraction=0.5, seed=0)] == [4, 0]
+
+
+def test_empty_prompt_ids_mean_a_bos_only_prompt_and_every_response_token_is_scored(tiny_tokenizer):
+    from preftune.data import collate_pairs
+
+    bos = tiny_tokenizer.bos_token_id
+    row = {
+        "prompt": "",
+        "chosen": "a",
+        "rejected": "b",
+        "prompt_ids": [],
+        "chosen_ids": [7, 8, 9],
+        "rejected_ids": [10, 11],
+        "_source": "ids.jsonl line 2",
+    }
+    example = tokenize_pair(row, tiny_tokenizer, max_length=16, max_prompt_length=8, index=0)
+    assert example.prompt_ids == (bos,)
+    batch = collate_pairs([example], tiny_tokenizer.pad_token_id)
+    scored = batch["response_mask"][:, 1:].sum(dim=1)  # the tokens the log-prob path scores
+    assert scored.tolist() == [3, 2]
+    assert batch["chosen_lengths"].tolist() == [3] and batch["rejected_lengths"].tolist() == [2]
+
+    no_bos = build_tiny_tokenizer()
+    no_bos.bos_token = None
+    with pytest.raises(
+        DataError, match="ids.jsonl line 2: field 'prompt_ids': empty, and the tokenizer has no BOS"
+    ):
+        tokenize_pair(row, no_bos, max_length=16, max_prompt_length=8, index=0)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_with_file_and_line(tmp_path, tiny_model_dir):
+    from preftune.config import train_config_from_dict
+    from preftune.training import prepare
+
+    rows = [
+        {
+            "prompt": "p",
+            "chosen": "a",
+            "rejected": "b",
+            "prompt_ids": [5],
+            "chosen_ids": [6, 7],
+            "rejected_ids": [8, 9],
+        }
+        for _ in range(2)
+    ]
+    rows[1]["rejected_ids"] = [8, 100000]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = train_config_from_dict(
+        {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(path)}}
+    )
+    with pytest.raises(
+        DataError, match=r"ids.jsonl line 2: field 'rejected_ids': token id 100000 is outside"
+    ):
+        prepare(cfg, log=lambda *a: None)

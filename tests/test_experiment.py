@@ -135,3 +135,50 @@ def test_interrupted_training_stage_resumes_exactly(tmp_path, tiny_model_dir, mo
         for root in (tmp_path / "a", tmp_path / "b")
     ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _ran(logs: list[str]) -> list[str]:
+    return [line.split()[1] for line in logs if line.startswith("[run]")]
+
+
+def test_editing_a_reward_function_or_the_chat_template_reruns_what_depends_on_it(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Stages are fingerprinted by content: a reward function's source file and the tokenizer files."""
+    import shutil
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    module = tmp_path / "lib" / "my_reward_fn.py"
+    module.parent.mkdir()
+    module.write_text("def score(prompts, responses):\n    return [1.0 + len(r) % 3 for r in responses]\n")
+    monkeypatch.syspath_prepend(str(module.parent))
+    methods = [{"method": "simpo", "betas": [2.0]}]
+    cfg = _cfg(tmp_path, model, methods=methods, reward="my_reward_fn:score")
+    run_experiment(cfg, log=lambda *_: None)
+
+    module.write_text("def score(prompts, responses):\n    return [1.0 + len(r) % 5 for r in responses]\n")
+    sys.modules.pop("my_reward_fn", None)
+    logs: list[str] = []
+    run_experiment(_cfg(tmp_path, model, methods=methods, reward="my_reward_fn:score"), log=logs.append)
+    assert "[skip] prompts (cached)" in logs
+    assert _ran(logs) == ["samples", "pairs", "simpo-beta2", "base", "simpo-beta2"]
+
+    template = model / "chat_template.jinja"  # where transformers saves a tokenizer's chat template
+    template.write_text(template.read_text() + "{# edited #}")
+    logs.clear()
+    run_experiment(_cfg(tmp_path, model, methods=methods, reward="my_reward_fn:score"), log=logs.append)
+    assert "[skip] prompts (cached)" in logs and "samples" in _ran(logs)
+
+
+def test_a_missing_reward_function_fails_before_any_sampling(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, reward="json:no_such_function")
+    with pytest.raises(ValueError, match="has no attribute 'no_such_function'"):
+        run_experiment(cfg, log=lambda *_: None)
+    assert not (tmp_path / "exp" / "samples").exists()
+
+
+def test_reward_model_is_not_an_experiment_method():
+    with pytest.raises(ConfigError, match="reward_model trains a scorer, not a policy"):
+        experiment_config_from_dict({"methods": [{"method": "reward_model", "betas": [0.1]}]})

@@ -486,3 +486,25 @@ def test_prompt_bos_not_doubled():
     )
     assert s.prompt_ids[0] == s.prompt_ids[1] and s.prompt_ids[0][0] == tok.bos_token_id
     assert s.prompt_ids[0][1] != tok.bos_token_id
+
+
+def test_cluster_standard_error_known_values():
+    # clustered [a, a, b, b]: deviations -1.5 -0.5 | 0.5 1.5 -> cluster sums -2, 2; se² = 2/1 * 8 / 16 = 1
+    assert metrics.mean_and_se([1, 2, 3, 4], ["a", "a", "b", "b"]) == pytest.approx((2.5, 1.0))
+    # one value per cluster is the plain formula
+    assert metrics.mean_and_se([1, 2, 3, 4], [0, 1, 2, 3]) == pytest.approx(metrics.mean_and_se([1, 2, 3, 4]))
+    # correlated samples of one prompt: the clustered se is larger than the naive one
+    values, clusters = [1.0, 1.1, 3.0, 3.1, 2.0, 2.1], [0, 0, 1, 1, 2, 2]
+    assert metrics.mean_and_se(values, clusters)[1] > 1.3 * metrics.mean_and_se(values)[1]
+    assert metrics.mean_and_se([5.0, 6.0], ["x", "x"]) == (5.5, 0.0)
+    rate, se = metrics.win_rate_and_se([2, 1, 0.5, 3], [1, 1, 1, 1], [0, 0, 1, 1])
+    assert rate == pytest.approx((1 + 0.5 + 0 + 1) / 4) and se > 0
+
+
+def test_sampling_streams_never_share_batch_seeds():
+    from preftune.sampling import derive_seed
+
+    train = {derive_seed(derive_seed(0, "samples"), b) for b in range(1000)}
+    evaluation = {derive_seed(derive_seed(0, "eval"), b) for b in range(1000)}
+    assert len(train) == len(evaluation) == 1000 and not train & evaluation
+    assert derive_seed(0, "samples") == derive_seed(0, "samples") != derive_seed(1, "samples")

@@ -437,3 +437,19 @@ def test_pair_loss_registry():
         "odpo": odpo_loss,
         "simpo": simpo_loss,
     }
+
+
+def test_float64_inputs_keep_float64():
+    """Scores 1.00000001 vs 1.0 are distinct in float64 (a tie in float32): ODPO's log offset stays defined."""
+    s_w = torch.tensor([1.00000001], dtype=torch.float64)
+    s_l = torch.tensor([1.0], dtype=torch.float64)
+    delta = odpo_offset(s_w, s_l, offset="log")
+    assert delta.dtype == torch.float64 and float(delta) == pytest.approx(math.log(1e-8), rel=1e-6)
+    z = torch.zeros(1)
+    out = odpo_loss(z, z, z, z, s_w, s_l, beta=0.1)
+    assert out.losses.dtype == torch.float64
+    # h = 0, Δ = log(1e-8): loss = -log σ(-Δ) = log(1 + 1e-8)
+    assert float(out.losses) == pytest.approx(math.log1p(1e-8), rel=1e-6)
+    lp = torch.tensor([-1.25], dtype=torch.float64)
+    assert dpo_loss(lp, lp, lp, lp, beta=0.1).losses.dtype == torch.float64
+    assert dpo_loss(lp.half(), lp.half(), lp.half(), lp.half(), beta=0.1).losses.dtype == torch.float32

@@ -1,5 +1,6 @@
-"""Two processes (torch.distributed, gloo on CPU) take the same steps as one process with the same global
-batch: 2 ranks x 2 pairs == 1 rank x 4 pairs, in weights and in the logged (all-rank) metrics."""
+"""Several processes (torch.distributed, gloo on CPU) take the same steps as one process with the same global
+batch, also when the last micro-batch splits unevenly over the ranks and with LoRA and an on-the-fly
+reference; the wrappers are seen through in one place."""
 
 from __future__ import annotations
 
@@ -9,23 +10,36 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 
+LORA = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+CASES = {
+    # 8 pairs: 2 ranks x 2 pairs == 1 process x 4 pairs
+    "even": dict(n=8, per_rank=2, accum=1, extra={}),
+    # 7 pairs, accumulation 2: the second micro-batch has 3 pairs, 2 on rank 0 and 1 on rank 1
+    "uneven": dict(n=7, per_rank=2, accum=2, extra={}),
+    # LoRA with the reference run on every batch (adapters off) through the DDP wrapper
+    "lora_on_the_fly": dict(n=8, per_rank=2, accum=1, extra={"model": {"lora": LORA}}),
+}
 
-def _config(tmp_path, model_dir, data, name, batch_size):
+
+def _config(tmp_path, model_dir, data, name, batch_size, accum, extra):
     cfg = {
         "method": "dpo",
-        "model": {"name_or_path": str(model_dir)},
+        "model": {"name_or_path": str(model_dir), **extra.get("model", {})},
         "data": {"train": str(data), "max_length": 64, "max_prompt_length": 32},
         "training": {
             "output_dir": str(tmp_path / name),
             "batch_size": batch_size,
+            "grad_accum": accum,
             "max_steps": 2,
             "learning_rate": 1e-3,
             "progress": False,
+            "precompute_ref": "model" not in extra,
         },
     }
     path = tmp_path / f"{name}.yaml"
@@ -33,33 +47,85 @@ def _config(tmp_path, model_dir, data, name, batch_size):
     return path
 
 
-def test_two_processes_equal_one(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, case):
+    c = CASES[case]
     rows = [
         {
             "prompt": f"The movie {i} was",
             "chosen": " great and wonderful.",
             "rejected": " terrible and boring.",
         }
-        for i in range(8)
+        for i in range(c["n"])
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    two = _config(tmp_path, tiny_model_dir, data, "two", batch_size=2)
-    one = _config(tmp_path, tiny_model_dir, data, "one", batch_size=4)
+    two = _config(tmp_path, tiny_model_dir, data, "two", c["per_rank"], c["accum"], c["extra"])
+    one = _config(tmp_path, tiny_model_dir, data, "one", 2 * c["per_rank"], c["accum"], c["extra"])
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "preftune.cli"]
-    subprocess.run([*launch, "train", str(two)], env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([*launch, "train", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     subprocess.run(
         [sys.executable, "-m", "preftune.cli", "train", str(one)], env=env, check=True, capture_output=True
     )
-    a = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    assert (
-        max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    )  # summation order: all-reduce vs one sum, amplified by Adam
+    weights = "adapter_model.safetensors" if case == "lora_on_the_fly" else "model.safetensors"
+    a = load_file(tmp_path / "two" / "model" / weights)
+    b = load_file(tmp_path / "one" / "model" / weights)
+    # summation order: all-reduce vs one sum, amplified by Adam
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     rows_two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     rows_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for r2, r1 in zip(rows_two, rows_one, strict=True):
-        assert r2["examples"] == r1["examples"] == 4
+        assert r2["examples"] == r1["examples"] == min(c["n"], 2 * c["per_rank"] * c["accum"])
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert r2[key] == pytest.approx(r1[key], abs=1e-6)
+    summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["pairs_per_step"] == 2 * c["per_rank"] * c["accum"]
+
+
+def test_step_plan_divides_by_the_global_count():
+    from preftune.training.loop import StepPlan
+
+    ranks = [StepPlan(7, 2, 2, 0, world_size=2, rank=r) for r in (0, 1)]
+    local = [sum(len(m) for m in plan.step(0)[1]) for plan in ranks]
+    assert local == [4, 3] and ranks[0].step_examples(0) == ranks[1].step_examples(0) == 7
+    assert StepPlan(7, 4, 2, 0).step_examples(0) == 7
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_wrappers_are_seen_through_and_the_fast_path_runs_under_ddp(tiny_tokenizer, one_rank_group):
+    from conftest import build_tiny_model
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from preftune.data import pack_sequences
+    from preftune.logprobs import sequence_logps
+    from preftune.models import is_peft, unwrap, unwrap_model
+
+    base = build_tiny_model(tiny_tokenizer, seed=5)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ddp = DistributedDataParallel(peft_model)
+    assert is_peft(ddp) and unwrap_model(ddp) is peft_model and unwrap(ddp) is base
+    shapes = []
+    hook = base.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: shapes.append(tuple(a[0].shape))
+    )
+    batch = pack_sequences([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], tiny_tokenizer.pad_token_id)
+    sums, _ = sequence_logps(ddp, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    sums.sum().backward()  # through DDP's own forward, so its gradient hooks run
+    hook.remove()
+    assert shapes == [(5, 32)]  # the head saw the 5 response positions only, not (2, T, 32)
+    with torch.no_grad():
+        plain, _ = sequence_logps(
+            peft_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+    torch.testing.assert_close(sums.detach(), plain, rtol=0, atol=1e-6)

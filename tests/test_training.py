@@ -280,7 +280,12 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data8):
     with pytest.raises(RunDirError, match="training.batch_size"):
         train(changed, resume=True, log=quiet)
     longer = make_cfg(tiny_model_dir, data8, tmp_path / "r", training={"max_steps": 6, "save_every": 2})
-    train(longer, resume=True, log=quiet)  # a longer run is a legitimate resumption
+    # a longer run changes the learning rate of every remaining step (linear decay): refused unless asked
+    with pytest.raises(
+        RunDirError, match=r"training.max_steps \(4 -> 6\).*--allow-change training.max_steps"
+    ):
+        train(longer, resume=True, log=quiet)
+    train(longer, resume=True, allow_changes=["training.max_steps"], log=quiet)
     assert [r["step"] for r in metrics(tmp_path / "r")][-1] == 6
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from .config import ConfigError, dump_yaml, load_train_config
+from .training.engine import Terminated
 
 
 def _add_config_args(p: argparse.ArgumentParser, what: str = "CONFIG.yaml") -> None:
@@ -26,9 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: accept a changed value of KEY (e.g. training.max_steps); repeatable",
+    )
     p = sub.add_parser("validate", help="check config, data and model; print what training would do")
     _add_config_args(p)
     p.add_argument("--no-model", action="store_true", help="skip loading the model weights")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="plan the steps for this many processes (default: $WORLD_SIZE or 1)",
+    )
     p = sub.add_parser("show-config", help="print the resolved config")
     _add_config_args(p)
     p = sub.add_parser(
@@ -59,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         from .training import train, validate
 
         if args.command == "validate":
-            summary = validate(cfg, load_weights=not args.no_model)
+            summary = validate(cfg, load_weights=not args.no_model, num_processes=args.num_processes)
             print(json.dumps(summary, indent=2))
             print("ok: config, data and model are valid")
             return 0
-        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_change)
         print(f"done: {run_dir}")
         return 0
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

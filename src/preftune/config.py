@@ -39,6 +39,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    # storage dtype of the weights that stay frozen (the LoRA base); trained weights are always float32:
+    # for half-precision compute set training.mixed_precision
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
     disable_dropout: bool = True
@@ -59,8 +61,9 @@ class ColumnsConfig:
 class DataConfig:
     train: str | None = None  # required: file, save_to_disk folder or hub id
     eval: str | None = None
-    eval_fraction: float = 0.0  # used only when `eval` is not given
-    split: str = "train"  # split name for hub datasets / DatasetDict folders
+    eval_fraction: float = 0.0  # used only when `eval` is not given; splits by prompt
+    split: str = "train"  # split of `train` for hub datasets / DatasetDict folders
+    eval_split: str = "test"  # split of `eval` for hub datasets / DatasetDict folders
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 512
     max_prompt_length: int = 256
@@ -103,6 +106,12 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     precompute_ref: bool = True  # compute reference log-probs once before training
+    mixed_precision: str = (
+        "no"  # no | bf16 | fp16: autocast over fp32 master weights (fp16: loss scaling, GPU)
+    )
+    skip_nonfinite: bool = (
+        False  # a NaN/inf loss or gradient norm: false = stop naming the records, true = skip the step
+    )
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (accelerate trackers)
     progress: bool = True
 
@@ -149,6 +158,8 @@ class SimPOConfig:
 class RewardModelConfig:
     use_margin: bool = True  # subtract the data's `margin` column when present
 
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 METHOD_SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
@@ -234,6 +245,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
+        if value is False:  # YAML 1.1 reads a bare `no` (or `off`) as false: `mixed_precision: no`
+            return "no"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -324,6 +337,22 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return train_config_from_dict(raw, source=str(path))
 
 
+def load_config(config: TrainConfig | dict | str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A checked :class:`TrainConfig` from a YAML path, a dict (as the YAML would hold it) or a TrainConfig,
+    with ``dotted.key=value`` overrides applied. Every API that takes a config accepts all three."""
+    import copy
+
+    if isinstance(config, TrainConfig):
+        if not overrides:
+            return config
+        return train_config_from_dict(apply_overrides(config.to_dict(), overrides))
+    if isinstance(config, dict):
+        return train_config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
+    if isinstance(config, (str, Path)):
+        return load_train_config(config, overrides)
+    raise ConfigError(f"a config is a TrainConfig, a dict or a YAML path, not {type(config).__name__}")
+
+
 def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
     def bad(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
@@ -338,6 +367,18 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         )
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         bad(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.training.mixed_precision not in MIXED_PRECISION:
+        bad(
+            f"training.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.training.mixed_precision!r}"
+        )
+    if cfg.model.dtype != "float32" and not cfg.model.lora.enabled:
+        half = {"bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
+        bad(
+            f"model.dtype: {cfg.model.dtype} with full fine-tuning would train {cfg.model.dtype} weights directly, "
+            f"and at preference-tuning learning rates most updates round away. Set model.dtype: float32 and "
+            f"training.mixed_precision: {half} (fp32 master weights, {half} compute); half-precision storage is "
+            "for frozen weights only (the base model under lora.enabled: true)"
+        )
     t = cfg.training
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "eval_batch_size"):
         if getattr(t, name) < 1:

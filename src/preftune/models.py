@@ -154,6 +154,12 @@ def unwrap(model):
     return model.get_base_model() if is_peft(model) else model
 
 
+def default_device() -> torch.device:
+    """Where a model goes outside a training run (sampling, scoring, evaluation): the GPU when there is one.
+    Training runs use accelerate's device, which is the same on a single-GPU or CPU machine."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_of(model) -> torch.device:
     """The device of the model's parameters: where its inputs must go."""
     return next(model.parameters()).device

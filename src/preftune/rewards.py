@@ -100,7 +100,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoConfig
 
-        from .models import load_model, load_tokenizer
+        from .models import default_device, load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,7 +110,7 @@ class RewardModelScorer:
         self.path = path
         self.batch_size = batch_size
         self.max_length = max_length
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
 
         num_labels = AutoConfig.from_pretrained(path).num_labels
         if num_labels != 1:

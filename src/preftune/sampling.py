@@ -12,13 +12,15 @@ Sampling is pure ancestral sampling from the model when ``temperature=1, top_p=1
 samples draws from π_θ, which the sequence-level KL estimate in
 a sequence-level KL estimate from the samples assumes. ``temperature=0`` is greedy.
 
-Reproducibility: batch b is generated after ``torch.manual_seed(seed + b)`` inside
+Reproducibility: batch b is generated after ``torch.manual_seed(derive_seed(seed, b))`` inside
 ``torch.random.fork_rng`` (the caller's RNG state is left as it was), so the same
-prompts, k, batch_size, seed, model and device give the same samples.
+prompts, k, batch_size, seed, model and device give the same samples, and two streams with
+different seeds never reuse each other's batch seeds (as ``seed + b`` would).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -62,6 +64,12 @@ class Samples:
         return out
 
 
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (ints, names): streams with different parts never share a seed."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Plain-text prompts through the data layer's prompt rule (one BOS where the tokenizer adds one)."""
     encoded = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
@@ -102,7 +110,7 @@ def sample_responses(
         temperature: 1.0 samples from the model; 0 is greedy.
         top_p: nucleus mass (1.0 = off).
         batch_size: rows (prompt copies) per ``generate`` call.
-        seed: batch b uses ``torch.manual_seed(seed + b)``.
+        seed: batch b uses ``torch.manual_seed(derive_seed(seed, b))``.
         progress: show a tqdm bar with generated tokens/s.
     """
     import torch
@@ -149,7 +157,7 @@ def sample_responses(
             padded = collate_prompts(batch, pad_id)
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]  # (B, L)
             with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-                torch.manual_seed(seed + b)
+                torch.manual_seed(derive_seed(seed, b))
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),

@@ -43,8 +43,8 @@ def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[st
                           ``input_ids[:, t]`` given ``input_ids[:, :t]`` counts where it is True;
       ``index``           (B,) long, the examples' ``index``;
       ``chosen_lengths``, ``rejected_lengths``  (B,) long, response token counts;
-      ``score_chosen``, ``score_rejected``  (B,) float32, only if every example has both;
-      ``margin``          (B,) float32, only if every example has one.
+      ``score_chosen``, ``score_rejected``  (B,) float64, only if every example has both;
+      ``margin``          (B,) float64, only if every example has one.
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
@@ -58,10 +58,11 @@ def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[st
         "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples], dtype=torch.long),
     }
     if all(ex.score_chosen is not None and ex.score_rejected is not None for ex in examples):
-        batch["score_chosen"] = torch.tensor([ex.score_chosen for ex in examples], dtype=torch.float32)
-        batch["score_rejected"] = torch.tensor([ex.score_rejected for ex in examples], dtype=torch.float32)
+        # float64: scores such as 1.00000001 and 1.0 must not become a tie
+        batch["score_chosen"] = torch.tensor([ex.score_chosen for ex in examples], dtype=torch.float64)
+        batch["score_rejected"] = torch.tensor([ex.score_rejected for ex in examples], dtype=torch.float64)
     if all(ex.margin is not None for ex in examples):
-        batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+        batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float64)
     return batch
 
 

@@ -23,6 +23,7 @@ the score and margin columns are converted to floats.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -121,26 +122,41 @@ def _check_columns(present: list[str], mapping: dict[str, str], name: str) -> No
             )
 
 
+def read_text(path: str | os.PathLike, name: str | None = None) -> str:
+    """A text file's contents as UTF-8 (a leading byte-order mark is dropped); bytes that are not UTF-8
+    raise :class:`DataError` naming the file, the line and the column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{name or path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _load_json_lines(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{name} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
-            rows.append(_project(record, mapping, source))
+    # split on "\n" only: str.splitlines would also split inside strings holding U+2028 and the like
+    for number, line in enumerate(read_text(path, name).split("\n"), start=1):
+        if not line.strip():
+            continue
+        source = f"{name} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        rows.append(_project(record, mapping, source))
     return rows
 
 
 def _load_json(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
     """A ``.json`` file holds either one list of objects or JSON Lines."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, name)
     if not text.lstrip().startswith("["):
         return _load_json_lines(path, name, mapping)
     try:
@@ -158,7 +174,7 @@ def _load_json(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
 
 def _load_csv(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path, name), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -354,22 +370,42 @@ def _a(kind: str) -> str:
 # --- splitting -----------------------------------------------------------------------------------------
 
 
-def split_rows(rows: list[dict], *, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split rows into (train, eval) by a seeded shuffle; each part keeps the original order.
+def _prompt_key(row: dict, i: int) -> str:
+    """Rows with the same prompt share a key; a row whose prompt cannot be read is its own group."""
+    prompt = row.get("prompt")
+    if prompt is None:
+        try:
+            prompt = split_implicit_prompt(row)["prompt"]
+        except (DataError, TypeError, AttributeError):
+            return f"row {i}"
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
-    The eval part has ``round(len(rows) * eval_fraction)`` rows, but at least one when
-    ``eval_fraction > 0`` and at most ``len(rows) - 1``, so train is never empty
-    (a single row always goes to train). ``eval_fraction`` must be in ``[0, 1)``.
+
+def split_rows(rows: list[dict], *, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split rows into (train, eval) **by prompt**: every row of a prompt lands on the same side, so the eval
+    split measures prompts the model was not trained on. Each part keeps the original order.
+
+    Prompt groups are shuffled with ``seed`` and moved to eval while that brings it closer to
+    ``round(len(rows) * eval_fraction)`` rows: at least one group when ``eval_fraction > 0``, and never
+    every group, so train is never empty (a single prompt always goes to train). ``eval_fraction`` must be
+    in ``[0, 1)``.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(_prompt_key(row, i), []).append(i)
+    members = list(groups.values())
     n = len(rows)
-    n_eval = 0
-    if eval_fraction > 0 and n > 1:
-        n_eval = min(max(1, round(n * eval_fraction)), n - 1)
-    order = list(range(n))
+    target = min(max(1, round(n * eval_fraction)), n - 1) if eval_fraction > 0 and n > 1 else 0
+    order = list(range(len(members)))
     random.Random(seed).shuffle(order)
-    eval_indices = set(order[:n_eval])
+    eval_indices: set[int] = set()
+    for g in order[: len(members) - 1]:  # leave at least one group for train
+        have, size = len(eval_indices), len(members[g])
+        if have >= target or (have > 0 and have + size - target > target - have):
+            break  # adding this group would overshoot the target more than stopping undershoots it
+        eval_indices.update(members[g])
     train = [row for i, row in enumerate(rows) if i not in eval_indices]
     evaluation = [row for i, row in enumerate(rows) if i in eval_indices]
     return train, evaluation

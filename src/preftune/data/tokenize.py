@@ -32,7 +32,10 @@ prompt tokens (those nearest the response; counted in ``prompt_truncated``); if 
 cut both responses **from the right** to ``max_length - len(prompt)`` tokens (counted in
 ``response_truncated``; the EOS is then usually gone and the example has ``truncated=True``).
 Pre-tokenised rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` lists of token ids beside the
-texts) are used exactly as given — no BOS or EOS is added — and truncated by the same rule. The
+texts) are used exactly as given — no BOS or EOS is added — and truncated by the same rule. An empty
+``prompt_ids`` means an unconditional response: the prompt is the BOS token alone (the first response token
+must be predicted from some position, so |y| tokens are scored and counted); a tokenizer without a BOS
+token refuses such a row. The
 experiment writes its sampled pairs this way, so training sees exactly the tokens the model sampled
 (a response cut at ``max_new_tokens`` has no EOS, and none is invented).
 
@@ -42,6 +45,7 @@ chosen and rejected ids are identical (``dropped_identical``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from preftune.data.types import DataError, PairExample
@@ -52,6 +56,7 @@ class TokenizeStats:
     """Counts from :func:`tokenize_rows`: ``kept + dropped_empty + dropped_identical == total``.
 
     ``prompt_truncated`` and ``response_truncated`` count every pair truncated, dropped or not.
+    ``dropped`` names the first :data:`MAX_NAMED_DROPS` dropped records (file and line) and why.
     """
 
     total: int = 0
@@ -60,6 +65,10 @@ class TokenizeStats:
     response_truncated: int = 0
     dropped_empty: int = 0
     dropped_identical: int = 0
+    dropped: list[str] = dataclasses.field(default_factory=list)
+
+
+MAX_NAMED_DROPS = 10
 
 
 def _eos(tokenizer) -> tuple[str, int]:
@@ -169,6 +178,13 @@ def _tokenize(row: dict, tokenizer, *, max_length: int, max_prompt_length: int, 
 
     if "chosen_ids" in row:  # pre-tokenised: the ids are used exactly as given (no EOS added)
         p, c, r = list(row["prompt_ids"]), list(row["chosen_ids"]), list(row["rejected_ids"])
+        if not p:  # the first response token is predicted from something: an empty prompt is the BOS token
+            if tokenizer.bos_token_id is None:
+                raise DataError(
+                    f"{source}: field 'prompt_ids': empty, and the tokenizer has no BOS token to stand for an "
+                    "empty prompt; give at least one prompt token"
+                )
+            p = [tokenizer.bos_token_id]
     elif isinstance(prompt, str):
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
             raise DataError(f"{source}: field 'chosen'/'rejected': must be strings, like 'prompt'")
@@ -247,5 +263,12 @@ def tokenize_rows(
             stats.dropped_identical += 1
         else:
             examples.append(outcome.example)
+        if outcome.dropped and len(stats.dropped) < MAX_NAMED_DROPS:
+            cut = " after truncation" if outcome.response_truncated else ""
+            why = {
+                "empty": f"a response has no token besides its EOS{cut}",
+                "identical": f"chosen and rejected are the same tokens{cut}",
+            }[outcome.dropped]
+            stats.dropped.append(f"{row['_source']}: dropped, {why}")
     stats.kept = len(examples)
     return examples, stats

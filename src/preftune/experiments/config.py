@@ -58,6 +58,7 @@ class ExpTrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp32 master weights either way)
     max_length: int = 128
     max_prompt_length: int = 64
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -127,6 +128,12 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         )
     if cfg.sample.k < 2:
         raise ConfigError(f"{source}: sample.k must be >= 2 to build pairs, got {cfg.sample.k}")
+    for i, run in enumerate(cfg.methods):
+        if run.method == "reward_model":
+            raise ConfigError(
+                f"{source}: methods[{i}]: reward_model trains a scorer, not a policy, so it cannot be sampled "
+                "and evaluated here; train it with `preftune train` and use it as `reward: reward_model:PATH`"
+            )
     for run in cfg.methods:  # build every training config now: bad keys fail before any sampling
         for beta in run.betas:
             train_config(cfg, run, beta, output_dir="unused")
@@ -151,7 +158,12 @@ def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_d
     t = cfg.train
     raw = {
         "method": run.method,
-        "model": {"name_or_path": cfg.model, "dtype": cfg.dtype, "lora": vars(t.lora).copy()},
+        # `dtype` is the experiment's inference dtype; trained weights stay fp32 (frozen LoRA base: `dtype`)
+        "model": {
+            "name_or_path": cfg.model,
+            "dtype": cfg.dtype if t.lora.enabled else "float32",
+            "lora": vars(t.lora).copy(),
+        },
         "data": {
             "train": "pairs.jsonl",
             "max_length": t.max_length,
@@ -169,6 +181,7 @@ def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_d
             "warmup_steps": t.warmup_steps,
             "weight_decay": t.weight_decay,
             "max_grad_norm": t.max_grad_norm,
+            "mixed_precision": t.mixed_precision,
         },
         run.method: {"beta": beta, **run.options},
     }

@@ -31,22 +31,42 @@ def _same_length(a: np.ndarray, b: np.ndarray, names: str) -> None:
         raise ValueError(f"{names}: empty")
 
 
-def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean: se = std(ddof=1) / sqrt(n).
+def mean_and_se(values: Sequence[float], clusters: Sequence | None = None) -> tuple[float, float]:
+    """Mean and standard error of the mean.
 
-    A single value has se 0.0; an empty input raises ``ValueError``.
-    Example: [1, 2, 3, 4] -> mean 2.5, std = sqrt(5/3) = 1.2910, se = 1.2910 / 2 = 0.6455.
+    Without ``clusters``: se = std(ddof=1) / sqrt(n). With ``clusters`` (one label per value, e.g. the prompt
+    each sample answers), the cluster-robust standard error: samples of one prompt are not independent, so
+
+        se² = G/(G−1) · Σ_g (Σ_{i∈g} (x_i − x̄))² / n²     (G clusters, n values)
+
+    which for G clusters of one value each is the plain formula. A single value (or a single cluster) has
+    se 0.0; an empty input raises ``ValueError``.
+    Example: [1, 2, 3, 4] -> mean 2.5, std = sqrt(5/3) = 1.2910, se = 1.2910 / 2 = 0.6455; clustered as
+    [a, a, b, b]: cluster sums of deviations -2, +2 -> se² = 2 · 8 / 16 = 1, se = 1.0.
     """
     arr = _as_array(values, "values")
     n = len(arr)
     if n == 0:
         raise ValueError("mean_and_se of an empty sequence")
-    if n == 1:
-        return float(arr[0]), 0.0
-    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(n))
+    mean = float(arr.mean())
+    if clusters is None:
+        return (mean, 0.0) if n == 1 else (mean, float(arr.std(ddof=1) / math.sqrt(n)))
+    labels = list(clusters)
+    if len(labels) != n:
+        raise ValueError(f"mean_and_se: {n} values but {len(labels)} cluster labels")
+    sums: dict = {}
+    for label, deviation in zip(labels, arr - mean):
+        sums[label] = sums.get(label, 0.0) + deviation
+    g = len(sums)
+    if g == 1:
+        return mean, 0.0
+    variance = g / (g - 1) * sum(s * s for s in sums.values()) / n**2
+    return mean, float(math.sqrt(variance))
 
 
-def sequence_kl(policy_logps: Sequence[float], ref_logps: Sequence[float]) -> tuple[float, float]:
+def sequence_kl(
+    policy_logps: Sequence[float], ref_logps: Sequence[float], clusters: Sequence | None = None
+) -> tuple[float, float]:
     """Monte-Carlo estimate of the sequence-level KL(π_θ‖π_ref) and its standard error.
 
     For samples y_i ~ π_θ(·|x_i) (one entry per sample; ``policy_logps[i]`` =
@@ -64,7 +84,7 @@ def sequence_kl(policy_logps: Sequence[float], ref_logps: Sequence[float]) -> tu
     p = _as_array(policy_logps, "policy_logps")
     r = _as_array(ref_logps, "ref_logps")
     _same_length(p, r, "sequence_kl(policy_logps, ref_logps)")
-    return mean_and_se(p - r)
+    return mean_and_se(p - r, clusters)
 
 
 def win_rate(policy_rewards: Sequence[float], base_rewards: Sequence[float]) -> float:
@@ -78,6 +98,16 @@ def win_rate(policy_rewards: Sequence[float], base_rewards: Sequence[float]) -> 
     b = _as_array(base_rewards, "base_rewards")
     _same_length(p, b, "win_rate(policy_rewards, base_rewards)")
     return float(np.mean((p > b) + 0.5 * (p == b)))
+
+
+def win_rate_and_se(
+    policy_rewards: Sequence[float], base_rewards: Sequence[float], clusters: Sequence | None = None
+) -> tuple[float, float]:
+    """:func:`win_rate` with its standard error (clustered by prompt when ``clusters`` is given)."""
+    p = _as_array(policy_rewards, "policy_rewards")
+    b = _as_array(base_rewards, "base_rewards")
+    _same_length(p, b, "win_rate(policy_rewards, base_rewards)")
+    return mean_and_se((p > b) + 0.5 * (p == b), clusters)
 
 
 def avg_logp_agreement(

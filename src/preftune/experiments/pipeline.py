@@ -21,22 +21,21 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import TrainConfig
 from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..logprobs import score_responses
-from ..models import load_model, load_tokenizer, resolve_model_path
+from ..models import default_device, load_model, load_tokenizer, resolve_model_path
 from ..rewards import load_reward
-from ..sampling import generation_kwargs, sample_responses
+from ..sampling import derive_seed, generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
 from . import metrics as M
 from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config
+from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint, text_sha256
 from .pairs import build_pairs
 from .prompts import load_prompts
 from .report import format_table, plot_frontier, plot_training_curves, write_report_md, write_results
-from .stages import file_sha256, read_stage, run_stage
+from .stages import read_stage, run_stage
 
 __all__ = ["load_experiment_config", "run_experiment"]
 
@@ -44,20 +43,6 @@ __all__ = ["load_experiment_config", "run_experiment"]
 def _run_name(run: MethodRun, beta: float) -> str:
     extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()))
     return f"{run.method}{extra}-beta{beta:g}"
-
-
-def folder_fingerprint(path: str) -> dict | str:
-    """What identifies a model folder's weights cheaply: its config.json hash and each weight file's
-    size and modification time (a hub id is identified by its name)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
-    return {
-        "path": str(folder),
-        "config": file_sha256(folder / "config.json") if (folder / "config.json").is_file() else None,
-        "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
-    }
 
 
 def pairs_with_ids(records: list[dict], mode: str) -> tuple[list[dict], dict]:
@@ -86,11 +71,11 @@ class Experiment:
         self.model_path = resolve_model_path(cfg.model, log)
         self.tokenizer = load_tokenizer(self.model_path)
         self.model_id = folder_fingerprint(self.model_path)
-        rm = cfg.reward.split(":", 1)[1] if cfg.reward.startswith("reward_model:") else None
-        self.reward_id = {"spec": cfg.reward, "weights": folder_fingerprint(rm) if rm else None}
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # loaded now: a missing module, function or reward-model folder is an error before any sampling
+        self.reward = load_reward(cfg.reward)
+        self.reward_id = reward_fingerprint(cfg.reward)
+        self.device = default_device()
         self._base = None
-        self._reward = None
 
     # -- shared resources ---------------------------------------------------------------------------------
     @property
@@ -98,12 +83,6 @@ class Experiment:
         if self._base is None:
             self._base = load_model(self.model_path, dtype=self.cfg.dtype).to(self.device).eval()
         return self._base
-
-    @property
-    def reward(self):
-        if self._reward is None:
-            self._reward = load_reward(self.cfg.reward)
-        return self._reward
 
     def _fp(self, name: str) -> str:
         return self._read(name)["fingerprint"]
@@ -116,15 +95,16 @@ class Experiment:
     def _stage(self, name: str, inputs: dict, fn, *, resumable: bool = False) -> Path:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        inputs = {**inputs, "code": code_fingerprint()}
         out, _ = run_stage(path.parent, path.name, inputs, fn, log=self.log, resumable=resumable)
         return out
 
     # -- stages -------------------------------------------------------------------------------------------
     def prompts(self) -> None:
         p = self.cfg.prompts
-        files = {
-            k: (file_sha256(v) if v else "builtin")
-            for k, v in (("train", p.train_file), ("heldout", p.heldout_file))
+        files = {  # the prompts by content, built-in lists included
+            split: text_sha256("\n".join(load_prompts(path, split)))
+            for split, path in (("train", p.train_file), ("heldout", p.heldout_file))
         }
 
         def fn(out: Path) -> dict:
@@ -179,7 +159,12 @@ class Experiment:
             "samples",
             inputs,
             lambda out: self._sample(
-                self.base, self._read_prompts("train"), out, k=sc.k, sc=sc, seed=self.cfg.seed
+                self.base,
+                self._read_prompts("train"),
+                out,
+                k=sc.k,
+                sc=sc,
+                seed=derive_seed(self.cfg.seed, "samples"),
             ),
         )
 
@@ -262,22 +247,24 @@ class Experiment:
 
     def _evaluate(self, model, out: Path, held_pairs: list[dict] | None) -> dict:
         ec = self.cfg.eval
+        seed = derive_seed(self.cfg.seed, "eval")  # its own stream: never the training samples' seeds
         summary = self._sample(
-            model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=self.cfg.seed + 1
+            model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=seed
         )
         records = read_jsonl(out / "samples.jsonl")
         prompts = [r["prompt_ids"] for r in records for _ in r["response_ids"]]
         responses = [ids for r in records for ids in r["response_ids"]]
         rewards = [s for r in records for s in r["scores"]]
+        clusters = [i for i, r in enumerate(records) for _ in r["response_ids"]]  # samples of one prompt
         pad = self.tokenizer.pad_token_id
         bs = ec.logp_batch_size
-        summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards))))
+        summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards, clusters))))
         if model is self.base:  # log π_θ − log π_ref is 0 for every sample: no forward pass needed
             summary.update(kl_mean=0.0, kl_se=0.0)
         else:
             policy_logps, _ = score_responses(model, prompts, responses, pad_token_id=pad, batch_size=bs)
             ref_logps, _ = score_responses(self.base, prompts, responses, pad_token_id=pad, batch_size=bs)
-            kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist())
+            kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist(), clusters)
             summary.update(kl_mean=kl[0], kl_se=kl[1])
         if held_pairs:
             summary.update(self._agreement(model, held_pairs))
@@ -339,8 +326,11 @@ class Experiment:
             "heldout_pairs": len(held),
         }
 
-    @staticmethod
-    def _row(method: str, beta, summary: dict, rewards, base_rewards) -> dict:
+    def _row(self, method: str, beta, summary: dict, rewards, base_rewards) -> dict:
+        clusters = [
+            i // self.cfg.eval.samples_per_prompt for i in range(len(rewards))
+        ]  # prompt of each sample
+        win, win_se = M.win_rate_and_se(rewards, base_rewards, clusters)
         return {
             "method": method,
             "beta": beta,
@@ -348,9 +338,10 @@ class Experiment:
             "reward_se": summary["reward_se"],
             "kl_mean": 0.0 if method == "base" else summary["kl_mean"],
             "kl_se": 0.0 if method == "base" else summary["kl_se"],
-            "win_rate": M.win_rate(rewards, base_rewards),
+            "win_rate": win,
             "logp_agreement": summary.get("logp_agreement"),
             "n_samples": len(rewards),
+            "win_rate_se": win_se,
         }
 
     def report(self, rows: list[dict], runs) -> None:

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from ..data.load import read_text
+
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
@@ -54,7 +56,7 @@ def load_prompts(path: str | Path | None = None, split: Split = "train") -> list
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        text, name = path.read_text(encoding="utf-8"), str(path)
+        text, name = read_text(path), str(path)
     prompts = _parse(text)
     if not prompts:
         raise ValueError(f"prompt file {name} contains no prompts (only blank lines or '#' comments)")

@@ -44,15 +44,6 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:16]
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Full SHA-256 hex digest of a file's bytes (to put a data file into stage inputs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- stages --------------------------------------------------------------------------
 
 

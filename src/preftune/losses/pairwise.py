@@ -5,7 +5,8 @@ Every function takes ``(B,)`` tensors of per-sequence log-probs -- summed over t
 and the detached implicit rewards. Reduction (mean over the batch, gradient accumulation) is the caller's.
 
 Notation: ``pc, pr`` are log pi_theta(y_w|x), log pi_theta(y_l|x); ``rc, rr`` the same under pi_ref;
-h = (pc - rc) - (pr - rr). All maths runs in float32 (inputs are upcast with ``.float()``).
+h = (pc - rc) - (pr - rr). All maths runs in at least float32: inputs are upcast to float32, and float64
+inputs (scores that differ in the 9th digit) stay float64.
 
 Where we depart from the papers or from TRL (also in docs/methods.md):
 - IPO uses h from the log-probs *as given* (summed, like the IPO paper); TRL length-averages them for IPO,
@@ -36,11 +37,12 @@ class LossOutput:
 
 
 def _as_float(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Upcast to float32 and check that every input is a 1-D tensor of the same shape (no broadcasting)."""
+    """Upcast to at least float32 (float64 stays float64) and check that every input is a 1-D tensor of
+    the same shape (no broadcasting)."""
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"loss inputs must all be (B,) tensors of one shape, got shapes {sorted(shapes)}")
-    return [t.float() for t in tensors]
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
 def _check_beta(beta: float) -> None:

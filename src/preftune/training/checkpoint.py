@@ -1,5 +1,5 @@
 """Checkpoints in one format: ``checkpoints/step-NNNNNNN/`` holding ``model/`` (the standard
-save_pretrained folder, or the LoRA adapter), ``optimizer.pt`` and ``scheduler.pt`` (plain tensor dicts,
+save_pretrained folder, or the LoRA adapter), ``optimizer.pt``, ``scheduler.pt`` and, under fp16 loss scaling, ``scaler.pt`` (plain tensor dicts,
 loaded with ``weights_only=True``), ``rng.safetensors`` and ``trainer_state.json``. Each is written to a
 temporary folder and renamed (:func:`preftune.files.atomic_dir`), so a checkpoint either exists whole or not
 at all; older checkpoints are rotated out only after the new one is complete.
@@ -50,13 +50,15 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep: int
+    run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep: int, scaler=None
 ) -> Path:
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(final) as tmp:  # a failed write leaves no partial folder and the older checkpoints intact
         save_model(model, tokenizer, tmp / "model")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:  # fp16 loss scaling: the scale and its growth tracker
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         save_file(_rng_state(), tmp / "rng.safetensors")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
@@ -64,12 +66,14 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint_state(ckpt: Path, *, optimizer, scheduler) -> dict:
+def load_checkpoint_state(ckpt: Path, *, optimizer, scheduler, scaler=None) -> dict:
     """Restore optimizer, scheduler and RNG from ``ckpt``; returns the trainer state (``step`` etc.).
 
     The model weights are loaded by the caller from ``ckpt / "model"`` through the model-loading path.
     """
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     _set_rng_state(load_file(ckpt / "rng.safetensors"))
     return json.loads((ckpt / STATE_FILE).read_text())

@@ -7,8 +7,9 @@ checkpoints come from ``engine.py``.
 Ordering is a pure function of (seed, epoch): epoch e visits ``randperm(n, seed + e)`` in micro-batches of
 ``batch_size * world_size`` pairs (rank r takes every world-th pair), and ``grad_accum`` consecutive
 micro-batches make one optimizer step. The step loss is the sum of per-example losses divided by the
-number of examples in the step, so batch 4 × accumulation 1 and batch 1 × accumulation 4 take the same
-step, and a resumed run replays exactly the batches an uninterrupted one would.
+number of examples in the step over all processes, so batch 4 × accumulation 1, batch 1 × accumulation 4
+and 2 processes × batch 2 take the same step (also when the last micro-batch splits unevenly over the
+processes), and a resumed run replays exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..losses import example_mean
-from .engine import MetricsLog, build_optimizer, optimizer_step, restore_state, save_state, sum_over_processes
+from .engine import (
+    MetricsLog,
+    NonFiniteError,
+    build_optimizer,
+    optimizer_step,
+    restore_state,
+    save_state,
+    sum_over_processes,
+)
 
 Compute = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -61,10 +70,18 @@ class StepPlan:
         return self._cache[epoch]
 
     def step(self, step: int) -> tuple[int, list[list[int]]]:
-        """(epoch, the micro-batches of example indices) for optimizer step ``step`` (0-based)."""
+        """(epoch, this rank's micro-batches of example indices) for optimizer step ``step`` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         micro = self._epoch(epoch)
         return epoch, micro[within * self.grad_accum : (within + 1) * self.grad_accum]
+
+    def step_examples(self, step: int) -> int:
+        """Examples in optimizer step ``step`` over all ranks: the denominator of the step's mean loss (a
+        last micro-batch can split unevenly over ranks, so no rank can use its own count)."""
+        within = step % self.steps_per_epoch
+        size = self.batch_size * self.world_size
+        first, last = within * self.grad_accum, min((within + 1) * self.grad_accum, self.micro_per_epoch)
+        return sum(min(size, self.n - j * size) for j in range(first, last))
 
 
 def total_steps(cfg: TrainConfig, plan: StepPlan) -> int:
@@ -103,9 +120,15 @@ def fit(
     resume_from: Path | None = None,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     on_step_end: Callable[[int, dict], None] | None = None,
+    describe: Callable[[list[int]], list[str]] | None = None,
     log=print,
 ) -> dict:
-    """Train ``model`` in place; returns the last logged train metrics."""
+    """Train ``model`` in place; returns the last logged train metrics.
+
+    ``describe(indices)`` names examples (file and line) in errors: a non-finite loss or gradient norm stops
+    the run naming the step and its records, after checkpointing the last completed step (or, with
+    ``training.skip_nonfinite``, skips the step and counts it in ``nonfinite_skipped``).
+    """
     t = cfg.training
     plan = StepPlan(
         n_train, t.batch_size, t.grad_accum, t.seed, accelerator.num_processes, accelerator.process_index
@@ -114,9 +137,10 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(t, params, n_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = 0
+    start_step, skipped_total = 0, 0
     if resume_from is not None:
-        start_step = restore_state(resume_from, optimizer, scheduler)["step"]
+        state = restore_state(resume_from, accelerator, optimizer, scheduler)
+        start_step, skipped_total = state["step"], state.get("nonfinite_skipped", 0)
         log(f"resumed from {resume_from} at step {start_step}/{n_steps}")
     metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl", accelerator, keep_until_step=start_step)
     bar = tqdm(
@@ -125,6 +149,13 @@ def fit(
         desc=cfg.method,
         disable=not (t.progress and accelerator.is_main_process),
     )
+
+    def save(step: int) -> Path | None:
+        state = {"nonfinite_skipped": skipped_total}
+        return save_state(
+            run_dir, step, accelerator, model, tokenizer, optimizer, scheduler, t.keep_checkpoints, state
+        )
+
     model.train()
     last: dict = {}
     completed = start_step  # optimizer steps whose update is applied
@@ -132,25 +163,44 @@ def fit(
         for step in range(start_step, n_steps):
             began = time.perf_counter()
             epoch, micro = plan.step(step)
-            n_examples = sum(len(m) for m in micro)
+            n_step = plan.step_examples(step)  # over all ranks
+            n_local = sum(len(m) for m in micro)
             acc: dict[str, float] = {}
-            tokens = 0
+            tokens, bad = 0, []
             for i, indices in enumerate(micro):
                 batch = make_batch(indices)
                 tokens += int(batch["attention_mask"].sum())
                 sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                     losses, metrics = compute(model, batch)  # losses: (B,)
-                    accelerator.backward(example_mean(losses, n_examples))
+                    # DDP averages gradients over ranks, so each rank's share is scaled by world size
+                    accelerator.backward(example_mean(losses, n_step) * accelerator.num_processes)
+                bad += [idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok]
                 for k, v in metrics.items():
                     acc[k] = acc.get(k, 0.0) + v * len(indices)
-            grad_norm, lr = optimizer_step(accelerator, optimizer, scheduler, params, t.max_grad_norm)
+            any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
+            try:
+                outcome = optimizer_step(
+                    accelerator, optimizer, scheduler, params, t.max_grad_norm,
+                    finite_loss=not any_bad, skip_nonfinite=t.skip_nonfinite,
+                )  # fmt: skip
+            except NonFiniteError as exc:
+                records = bad or [i for m in micro for i in m]
+                names = describe(records) if describe is not None else [f"example {i}" for i in records]
+                shown = "; ".join(names[:10]) + (f"; ... ({len(names)} in all)" if len(names) > 10 else "")
+                which = "with a non-finite loss" if bad else "in the step"
+                raise NonFiniteError(
+                    f"step {step + 1}: {exc}; records {which}: {shown}. Fix or drop them, lower the learning "
+                    "rate, or set training.skip_nonfinite: true to skip such steps"
+                ) from None
             completed = step + 1
+            skipped_total += outcome.skipped
             elapsed = time.perf_counter() - began
-            acc = sum_over_processes(accelerator, {**acc, "_examples": n_examples, "_tokens": tokens})
+            acc = sum_over_processes(accelerator, {**acc, "_examples": n_local, "_tokens": tokens})
             n_examples, tokens = int(acc.pop("_examples")), int(acc.pop("_tokens"))
             row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
-            row.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / elapsed, examples=n_examples)
+            row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
+            row.update(examples=n_examples, nonfinite_skipped=skipped_total)
             last = row
             if (step + 1) % t.log_every == 0 or step + 1 == n_steps:
                 metrics_log.write(row)
@@ -161,18 +211,15 @@ def fit(
             if eval_fn is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < n_steps:
                 metrics_log.write({"step": step + 1, "split": "eval", **eval_fn(model)})
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < n_steps:
-                save_state(
-                    run_dir, step + 1, accelerator, model, tokenizer, optimizer, scheduler, t.keep_checkpoints
-                )
+                save(step + 1)
             if on_step_end is not None:
                 on_step_end(step + 1, row)
-    except KeyboardInterrupt:
-        if completed > start_step:
-            path = save_state(
-                run_dir, completed, accelerator, model, tokenizer, optimizer, scheduler, t.keep_checkpoints
-            )
-            log(f"\ninterrupted: saved {path}; continue with --resume")
+    except (KeyboardInterrupt, NonFiniteError) as exc:
         bar.close()
+        if completed > start_step:
+            path = save(completed)
+            why = "stopped" if isinstance(exc, NonFiniteError) else "interrupted"
+            log(f"\n{why}: saved {path} (the state after step {completed}); continue with --resume")
         raise
     bar.close()
     if eval_fn is not None:

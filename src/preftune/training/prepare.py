@@ -24,9 +24,10 @@ class Prepared:
     stats: dict[str, TokenizeStats]
     sources: dict[str, list[str]] = field(default_factory=dict)
 
-    def summary(self) -> dict:
+    def summary(self, num_processes: int = 1) -> dict:
+        """What training would do with ``num_processes`` processes (each takes ``batch_size`` pairs)."""
         t = self.cfg.training
-        plan = StepPlan(len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed)
+        plan = StepPlan(len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed, num_processes)
         return {
             "method": self.cfg.method,
             "model": self.model_path,
@@ -34,9 +35,10 @@ class Prepared:
             "train_pairs": len(self.examples["train"]),
             "eval_pairs": len(self.examples.get("eval", [])),
             "tokenize": {k: vars(v) for k, v in self.stats.items()},
+            "processes": num_processes,
             "optimizer_steps": total_steps(self.cfg, plan),
             "steps_per_epoch": plan.steps_per_epoch,
-            "pairs_per_step": t.batch_size * t.grad_accum,
+            "pairs_per_step": t.batch_size * t.grad_accum * num_processes,
         }
 
 
@@ -45,7 +47,7 @@ def _load_split_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
     columns = {k: v for k, v in vars(d.columns).items()}
     train = load_rows(d.train, columns=columns, split=d.split)
     if d.eval:
-        return {"train": train, "eval": load_rows(d.eval, columns=columns, split=d.split)}
+        return {"train": train, "eval": load_rows(d.eval, columns=columns, split=d.eval_split)}
     if d.eval_fraction > 0:
         train, held = split_rows(train, eval_fraction=d.eval_fraction, seed=cfg.training.seed)
         return {"train": train, "eval": held}
@@ -63,6 +65,39 @@ def _check_odpo_scores(cfg: TrainConfig, examples: list[PairExample], split: str
         raise DataError(
             f"{split} data: ODPO offset {cfg.odpo.offset!r} undefined for {where}: {exc}"
         ) from None
+
+
+def vocab_size(model_path: str, tokenizer, trust_remote_code: bool = False) -> int:
+    """The model's embedding rows (from its config, without loading weights), else the tokenizer's size."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return len(tokenizer)
+    size = getattr(config, "vocab_size", None) or getattr(
+        getattr(config, "text_config", None), "vocab_size", None
+    )
+    return int(size) if size else len(tokenizer)
+
+
+def _check_vocabulary(examples: list[PairExample], size: int, split: str) -> None:
+    """Token ids outside the model's vocabulary (pre-tokenised rows) are refused with file and line."""
+    problems = []
+    for e in examples:
+        for field_name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            ids = getattr(e, field_name)
+            if ids and max(ids) >= size:
+                problems.append(
+                    f"{e.source}: field {field_name!r}: token id {max(ids)} is outside the vocabulary"
+                )
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (
+            f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise DataError(
+            f"{split} data: {len(problems)} token id problem(s) (vocabulary size {size}):\n  {shown}"
+        )
 
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared:
@@ -87,8 +122,19 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
             max_length=cfg.data.max_length,
             max_prompt_length=cfg.data.max_prompt_length,
         )
+        dropped = stats[split].dropped_empty + stats[split].dropped_identical
+        if dropped:
+            more = (
+                f" (first {len(stats[split].dropped)} shown)" if dropped > len(stats[split].dropped) else ""
+            )
+            log(f"{split} data: {dropped} of {stats[split].total} pairs dropped{more}:")
+            for line in stats[split].dropped:
+                log(f"  {line}")
         if not examples[split]:
             raise DataError(f"{split} data: every pair was dropped by tokenisation ({vars(stats[split])})")
+        _check_vocabulary(
+            examples[split], vocab_size(model_path, tokenizer, cfg.model.trust_remote_code), split
+        )
         if cfg.method == "odpo":
             _check_odpo_scores(cfg, examples[split], split)
     return Prepared(cfg, model_path, tokenizer, examples, stats)

@@ -78,17 +78,25 @@ class Reference:
             return sequence_logps(model, input_ids, attention_mask, response_mask)[0]
 
 
-def build_reference(policy, *, during_training: bool, load_copy: Callable[[], torch.nn.Module] | None = None):
+def build_reference(
+    policy,
+    *,
+    during_training: bool,
+    load_copy: Callable[[], torch.nn.Module] | None = None,
+    storage_dtype: torch.dtype | None = None,
+):
     """The reference for ``policy``: adapters off under LoRA; else the policy itself when π_ref is only
     needed before training (``during_training=False``); else a frozen copy — of the policy as it is now,
-    or, when ``load_copy`` is given (resuming: the policy is no longer the starting model), of its result."""
+    or, when ``load_copy`` is given (resuming: the policy is no longer the starting model), of its result.
+    ``storage_dtype``: store the frozen copy in half precision (under mixed precision it computes in half
+    precision anyway)."""
     if is_peft(policy):
         return Reference(policy, "adapters_off")
     if not during_training:
         return Reference(policy, "initial")
     frozen = load_copy() if load_copy is not None else copy.deepcopy(unwrap_model(policy))
-    device = next(policy.parameters()).device
-    return Reference(policy, "copy", frozen.to(device).eval().requires_grad_(False))
+    frozen = frozen.to(device=next(policy.parameters()).device, dtype=storage_dtype)
+    return Reference(policy, "copy", frozen.eval().requires_grad_(False))
 
 
 def pair_reference_logps(

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TrainConfig, dump_yaml
+import torch
+
+from ..config import TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
 from ..losses import PAIR_METHODS
 from ..models import add_lora, load_model, save_model
+from .engine import make_accelerator, sigterm_as_interrupt
 from .loop import evaluate, fit
 from .pairs import PairFamily
 from .prepare import Prepared, prepare
@@ -28,6 +31,8 @@ from .reference import (
 )
 from .reward_model import RewardModelFamily
 from .rundir import RunDirError, check_run_dir, create_run_dir
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed precision -> storage of a frozen copy
 
 __all__ = ["Prepared", "RunDirError", "TRAINERS", "prepare", "train", "validate"]
 
@@ -56,7 +61,10 @@ def _fit_offline(s: Session, family) -> dict:
 
         def eval_fn(m):
             make = lambda idx: family.make_batch("eval", idx)  # noqa: E731
-            return evaluate(m, family.compute, make, n_eval, s.cfg.training.eval_batch_size)
+            with s.accelerator.autocast():
+                return evaluate(m, family.compute, make, n_eval, s.cfg.training.eval_batch_size)
+
+    train_examples = s.prep.examples["train"]
 
     return fit(
         s.cfg,
@@ -70,6 +78,7 @@ def _fit_offline(s: Session, family) -> dict:
         resume_from=s.resume_from,
         eval_fn=eval_fn,
         on_step_end=s.on_step_end,
+        describe=lambda idx: [train_examples[i].source for i in idx],
         log=s.log,
     )
 
@@ -115,58 +124,73 @@ def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
             model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
         else:
             model = add_lora(model, cfg.model.lora, task_type=task)
+    # trained weights are fp32 master weights (LoRA adapters, a reward head kept trainable under LoRA);
+    # half precision is storage for frozen weights only, and compute precision is training.mixed_precision
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     return model
 
 
 def train(
-    cfg: TrainConfig,
+    config: TrainConfig | dict | str | Path,
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_changes: Iterable[str] = (),
     on_step_end: Callable[[int, dict], None] | None = None,
     ref_logps_file: Path | None = None,
     log=print,
 ) -> Path:
-    """Train per ``cfg``; returns the run directory (final model in ``<run_dir>/model``).
+    """Train per ``config`` (a :class:`TrainConfig`, a dict or a YAML path); returns the run directory (final
+    model in ``<run_dir>/model``).
 
+    ``resume``: continue from the run directory's latest checkpoint; the config must equal the interrupted
+    run's except for the keys named in ``allow_changes`` (``"training.max_steps"``, ...).
     ``ref_logps_file``: reference log-probs already computed for exactly this data and starting model
     (the experiment shares one across its runs); it is copied into the run directory and used as is.
+    SIGTERM is handled like Ctrl-C: a checkpoint of the last completed step, then :class:`Terminated`.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    cfg = load_config(config)
     trainer = TRAINERS[cfg.method]
-    prep = prepare(cfg, log)
-    run_dir = Path(cfg.training.output_dir)
-    accelerator = Accelerator(log_with=cfg.training.report_to or None, project_dir=str(run_dir))
-    resume_from = check_run_dir(run_dir, resume=resume, overwrite=overwrite, cfg=cfg)  # every process
-    accelerator.wait_for_everyone()  # all have checked before the main process changes anything
-    summary = prep.summary()
-    if accelerator.is_main_process:
-        if resume_from is None:
-            create_run_dir(run_dir, overwrite=overwrite)
-        log(json.dumps(summary, indent=2))
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
-        write_json_atomic(run_dir / "data_summary.json", summary)
-    accelerator.wait_for_everyone()
+    with sigterm_as_interrupt():
+        prep = prepare(cfg, log)
+        run_dir = Path(cfg.training.output_dir)
+        accelerator = make_accelerator(cfg.training, run_dir)
+        resume_from = check_run_dir(  # every process checks, so all fail alike
+            run_dir, resume=resume, overwrite=overwrite, cfg=cfg, allow_changes=frozenset(allow_changes)
+        )
+        accelerator.wait_for_everyone()  # all have checked before the main process changes anything
+        summary = prep.summary(accelerator.num_processes)
+        if accelerator.is_main_process:
+            if resume_from is None:
+                create_run_dir(run_dir, overwrite=overwrite)
+            log(json.dumps(summary, indent=2))
+            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+            write_json_atomic(run_dir / "data_summary.json", summary)
+        accelerator.wait_for_everyone()
 
-    set_seed(cfg.training.seed)
-    if cfg.training.report_to:
-        accelerator.init_trackers(run_dir.name, config=json.loads(json.dumps(cfg.to_dict(), default=str)))
-    model = _build_model(cfg, prep, resume_from).to(accelerator.device)
-    session = Session(cfg, prep, accelerator, run_dir, model, resume_from, log, on_step_end, ref_logps_file)
-    started = time.time()
-    last = trainer(session)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        save_model(final, prep.tokenizer, run_dir / "model")
-        if cfg.model.lora.enabled and cfg.model.lora.merge:
-            save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
-        result = {"final_train_metrics": last, "train_seconds": time.time() - started, **summary}
-        write_json_atomic(run_dir / "result.json", result)
-        log(f"saved {run_dir / 'model'}")
-    accelerator.end_training()
+        set_seed(cfg.training.seed)
+        if cfg.training.report_to:
+            accelerator.init_trackers(run_dir.name, config=json.loads(json.dumps(cfg.to_dict(), default=str)))
+        model = _build_model(cfg, prep, resume_from).to(accelerator.device)
+        session = Session(
+            cfg, prep, accelerator, run_dir, model, resume_from, log, on_step_end, ref_logps_file
+        )
+        started = time.time()
+        last = trainer(session)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = accelerator.unwrap_model(model)
+            save_model(final, prep.tokenizer, run_dir / "model")
+            if cfg.model.lora.enabled and cfg.model.lora.merge:
+                save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
+            result = {"final_train_metrics": last, "train_seconds": time.time() - started, **summary}
+            write_json_atomic(run_dir / "result.json", result)
+            log(f"saved {run_dir / 'model'}")
+        accelerator.end_training()
     return run_dir
 
 
@@ -177,12 +201,13 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
     if not cfg.training.precompute_ref:
 
         def load_copy():  # resuming full fine-tuning: the policy is no longer the starting model
-            return load_model(
-                prep.model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
-            )
+            return load_model(prep.model_path, trust_remote_code=cfg.model.trust_remote_code)
 
         family.reference = build_reference(
-            s.model, during_training=True, load_copy=load_copy if s.resume_from is not None else None
+            s.model,
+            during_training=True,
+            load_copy=load_copy if s.resume_from is not None else None,
+            storage_dtype=HALF.get(cfg.training.mixed_precision),
         )
         return
     cache = s.run_dir / "ref_logps.safetensors"
@@ -199,20 +224,25 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
     started = time.time()
     reference = build_reference(s.model, during_training=False)
     batch_size, pad = cfg.training.eval_batch_size, prep.tokenizer.pad_token_id
-    family.ref_logps = {
-        split: pair_reference_logps(reference, examples, pad, batch_size)
-        for split, examples in prep.examples.items()
-    }
+    with s.accelerator.autocast():  # the same compute precision as the policy's log-probs
+        family.ref_logps = {
+            split: pair_reference_logps(reference, examples, pad, batch_size)
+            for split, examples in prep.examples.items()
+        }
     if s.accelerator.is_main_process:
         save_pair_logps(cache, family.ref_logps)
         n = sum(len(v) for v in prep.examples.values())
         s.log(f"reference log-probs for {n} pairs in {time.time() - started:.1f}s (cached in {cache})")
 
 
-def validate(cfg: TrainConfig, *, load_weights: bool = True, log=print) -> dict:
-    """Everything ``train`` checks, without training: returns the summary that would be trained."""
+def validate(
+    config: TrainConfig | dict | str | Path, *, load_weights: bool = True, num_processes: int = 1, log=print
+) -> dict:
+    """Everything ``train`` checks, without training: returns the summary that would be trained with
+    ``num_processes`` processes."""
+    cfg = load_config(config)
     prep = prepare(cfg, log)
-    summary = prep.summary()
+    summary = prep.summary(num_processes)
     if load_weights:
         model = _build_model(cfg, prep, None)
         summary["parameters"] = sum(p.numel() for p in model.parameters())

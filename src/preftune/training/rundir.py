@@ -15,7 +15,12 @@ class RunDirError(RuntimeError):
 
 
 def check_run_dir(
-    run_dir: Path, *, resume: bool, overwrite: bool, cfg: TrainConfig | None = None
+    run_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    cfg: TrainConfig | None = None,
+    allow_changes: frozenset[str] = frozenset(),
 ) -> Path | None:
     """Read-only checks of the run directory (every process runs them, so all fail alike); returns the
     checkpoint to resume from, or None."""
@@ -24,7 +29,7 @@ def check_run_dir(
         if ckpt is None:
             raise RunDirError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
         if cfg is not None:
-            _check_resume_config(run_dir / "config.yaml", cfg)
+            _check_resume_config(run_dir / "config.yaml", cfg, allow_changes)
         return ckpt
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunDirError(
@@ -41,16 +46,15 @@ def create_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-# keys that may change between an interrupted run and its resumption (length, display, bookkeeping)
+# keys that may change between an interrupted run and its resumption: display and bookkeeping only
 _RESUMABLE_KEYS = {
-    "max_steps",
-    "epochs",
     "progress",
     "report_to",
     "save_every",
     "eval_every",
     "keep_checkpoints",
     "log_every",
+    "skip_nonfinite",
 }
 
 
@@ -64,16 +68,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_resume_config(saved_path: Path, cfg: TrainConfig) -> None:
-    """A resumed run must replay the same data, model and optimizer settings as the interrupted one."""
+def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[str] = frozenset()) -> None:
+    """A resumed run must replay the same data, model, optimizer and schedule as the interrupted one.
+
+    Changing the length (``max_steps``, ``epochs``) or the schedule changes the learning rate of every
+    remaining step, so it is refused unless the key is named in ``allow`` (``--allow-change KEY``).
+    """
     import yaml
 
     if not saved_path.is_file():
         raise RunDirError(f"--resume: {saved_path} is missing")
     saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
-    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS}
+    unknown = sorted(set(allow) - set(now))
+    if unknown:
+        raise RunDirError(
+            f"--allow-change: unknown key(s) {', '.join(unknown)} (use dotted keys: training.max_steps)"
+        )
+    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS} | set(allow)
     diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if diff:
+        changes = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff)
         raise RunDirError(
-            f"--resume: the config differs from the interrupted run's ({saved_path}) in {', '.join(diff)}"
+            f"--resume: the config differs from the interrupted run's ({saved_path}) in {changes}. A resumed run "
+            "must replay the same settings; to continue with a new value on purpose (the learning-rate "
+            f"schedule of the remaining steps changes with it), pass --allow-change {diff[0]}"
         )

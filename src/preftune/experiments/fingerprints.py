@@ -1,0 +1,79 @@
+"""What identifies a stage's inputs by content, so a cached stage is reused only when nothing it depends on
+changed: files (hashed whole when small; size, mtime_ns and a hash of the first and last MiB when large),
+model folders (every file: weights, config, tokenizer, chat template), reward functions (the source file of a
+``module:function``, the package version of VADER, the folder of a reward model) and the code versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+from pathlib import Path
+
+SMALL = 8 << 20  # files up to 8 MiB are hashed whole
+EDGE = 1 << 20  # of a larger file, the first and last MiB are hashed, beside its size and mtime_ns
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    path = Path(path)
+    stat = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if stat.st_size <= SMALL:
+            while block := f.read(EDGE):
+                h.update(block)
+            return {"sha256": h.hexdigest()}
+        h.update(f.read(EDGE))
+        f.seek(-EDGE, 2)
+        h.update(f.read(EDGE))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "edges_sha256": h.hexdigest()}
+
+
+def folder_fingerprint(path: str) -> dict | str:
+    """Every (non-hidden) file of a model folder by content; a hub id is identified by its name."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-2:])
+    )
+    return {"path": str(folder), "files": {str(p.relative_to(folder)): file_fingerprint(p) for p in files}}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def reward_fingerprint(spec: str) -> dict:
+    """A reward spec by what it computes: VADER's package version, a reward model's folder, or the source
+    file of a ``module:function`` (so editing the function reruns what depends on its scores)."""
+    from ..rewards import REWARD_MODEL_PREFIX
+
+    spec = spec.strip()
+    if spec == "vader":
+        return {"spec": spec, "vaderSentiment": _version("vaderSentiment")}
+    if spec.startswith(REWARD_MODEL_PREFIX):
+        return {"spec": spec, "weights": folder_fingerprint(spec[len(REWARD_MODEL_PREFIX) :])}
+    module = importlib.import_module(spec.partition(":")[0])
+    try:
+        source = inspect.getsourcefile(module)
+    except TypeError:  # a built-in module
+        source = None
+    content = file_fingerprint(source) if source else {"version": getattr(module, "__version__", None)}
+    return {"spec": spec, "module_file": content}
+
+
+def code_fingerprint() -> dict:
+    """The versions of the code every stage runs (a new preftune may sample, train or score differently)."""
+    from .. import __version__
+
+    return {"preftune": __version__}

@@ -1,0 +1,224 @@
+"""Faults and bad input: SIGTERM behaves like Ctrl-C, NaN losses stop the run naming the records (or are
+skipped on request), a failing checkpoint write keeps the previous checkpoint resumable, files that are not
+UTF-8 are refused with file and line, dropped pairs are named, and the API takes any form of config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_training import make_cfg, metrics, pair_records, quiet, raw_config, weights, write_jsonl
+
+import preftune
+from preftune.cli import main
+from preftune.data import DataError
+from preftune.training import train
+from preftune.training.engine import NonFiniteError, Terminated, hold_interrupt
+from preftune.training.pairs import PairFamily
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", pair_records(8))
+
+
+def _ckpts(run_dir):
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data):
+    sections = {"training": {"max_steps": 4}}
+    plain = train(make_cfg(tiny_model_dir, data, tmp_path / "a", **sections), log=quiet)
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "b", **sections)
+
+    def term(step, row):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated):
+        train(cfg, on_step_end=term, log=quiet)
+    assert _ckpts(tmp_path / "b") == ["step-0000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+    train(cfg, resume=True, log=quiet)
+    wa, wb = weights(plain / "model"), weights(tmp_path / "b" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_is_held_until_the_optimizer_step_is_whole():
+    done = []
+    with pytest.raises(Terminated):
+        with hold_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("step applied")
+    assert done == ["step applied"]
+
+
+def test_sigterm_to_the_cli_exits_nonzero_with_a_checkpoint(tmp_path, tiny_model_dir, data):
+    raw = raw_config(tiny_model_dir, data, tmp_path / "run", training={"max_steps": 100000})
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "preftune.cli", "train", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "--resume" in err + _
+    (ckpt,) = _ckpts(tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / ckpt / "trainer_state.json").is_file()
+
+
+# --- non-finite losses -----------------------------------------------------------------------------------
+
+
+def _poison(monkeypatch, example_index: int):
+    """Make the loss of one example NaN (as a record with absurd values would)."""
+    real = PairFamily.compute
+
+    def compute(self, model, batch):
+        losses, metrics_ = real(self, model, batch)
+        bad = batch["index"].to(losses.device) == example_index
+        return torch.where(bad, torch.full_like(losses, float("nan")), losses), metrics_
+
+    monkeypatch.setattr(PairFamily, "compute", compute)
+
+
+def test_nan_loss_stops_naming_the_record_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_model_dir, data, monkeypatch
+):
+    from preftune.training.loop import StepPlan
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "r", training={"max_steps": 4, "batch_size": 2})
+    _, micro = StepPlan(8, 2, 1, 0).step(2)  # the pairs of step 3
+    _poison(monkeypatch, micro[0][1])
+    with pytest.raises(NonFiniteError) as info:
+        train(cfg, log=quiet)
+    line = micro[0][1] + 1  # examples are the file's lines in order
+    assert "step 3: non-finite loss" in str(info.value)
+    assert f"pairs.jsonl line {line}" in str(info.value) and "skip_nonfinite" in str(info.value)
+    assert _ckpts(tmp_path / "r") == ["step-0000002"]  # the state before the bad step
+    assert not (tmp_path / "r" / "model").exists()
+
+
+def test_skip_nonfinite_skips_the_step_and_counts_it(tmp_path, tiny_model_dir, data, monkeypatch):
+    import preftune.training.run as run_module
+    from preftune.training.loop import StepPlan
+
+    sections = {"training": {"max_steps": 4, "batch_size": 2, "skip_nonfinite": True}}
+    _, micro = StepPlan(8, 2, 1, 0).step(2)
+    _poison(monkeypatch, micro[0][0])
+    models, snapshots = [], {}
+    real_fit = run_module.fit
+
+    def fit(cfg, **kw):  # keep a handle on the model to snapshot its weights after every step
+        models.append(kw["model"])
+        return real_fit(cfg, **kw)
+
+    def snapshot(step, row):
+        snapshots[step] = {k: v.clone() for k, v in models[0].state_dict().items()}
+
+    monkeypatch.setattr(run_module, "fit", fit)
+    run = train(make_cfg(tiny_model_dir, data, tmp_path / "s", **sections), on_step_end=snapshot, log=quiet)
+    assert [r["nonfinite_skipped"] for r in metrics(run)] == [0, 0, 1, 1]
+    assert all(torch.equal(snapshots[2][k], snapshots[3][k]) for k in snapshots[2])  # step 3: no update
+    assert any(not torch.equal(snapshots[3][k], snapshots[4][k]) for k in snapshots[3])  # step 4 trains
+
+
+# --- failing writes --------------------------------------------------------------------------------------
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_resumable(
+    tmp_path, tiny_model_dir, data, monkeypatch
+):
+    import preftune.training.checkpoint as checkpoint
+
+    sections = {"training": {"max_steps": 4, "save_every": 1, "keep_checkpoints": 1}}
+    plain = train(make_cfg(tiny_model_dir, data, tmp_path / "a", **sections), log=quiet)
+    real_save = checkpoint.torch.save
+    calls = []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:  # optimizer.pt of the second checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "b", **sections)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, log=quiet)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    run = tmp_path / "b"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001"]  # no partial folder
+    train(cfg, resume=True, log=quiet)
+    wa, wb = weights(plain / "model"), weights(run / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, suffix):
+    from preftune.data import load_rows
+
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    if suffix == ".csv":
+        body = b"prompt,chosen,rejected\np,a,b\np,caf\xe9,b\n"
+    elif suffix == ".json":
+        body = b'[\n{"prompt": "p", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9"}\n]\n'
+    else:
+        body = (json.dumps(good) + "\n").encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(body)
+    line = 3 if suffix != ".jsonl" else 2
+    with pytest.raises(DataError, match=rf"latin1{suffix} line {line}: not valid UTF-8 \(byte 0xe9"):
+        load_rows(path)
+
+
+def test_validate_names_dropped_pairs(tmp_path, tiny_model_dir, capsys):
+    rows = pair_records(4)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config(tiny_model_dir, data, tmp_path / "run")))
+    assert main(["validate", str(config), "--no-model"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 4 pairs dropped" in out and "pairs.jsonl line 3: dropped, chosen and rejected" in out
+
+
+def test_every_api_accepts_a_dict_a_path_or_a_config(tmp_path, tiny_model_dir, data):
+    raw = raw_config(tiny_model_dir, data, tmp_path / "run", training={"max_steps": 1})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from_path = preftune.load_config(path, ["dpo.beta=0.3"])
+    from_dict = preftune.load_config(raw, ["dpo.beta=0.3"])
+    from_cfg = preftune.load_config(preftune.load_config(raw), ["dpo.beta=0.3"])
+    assert from_path == from_dict == from_cfg and from_dict.dpo.beta == 0.3
+    assert preftune.validate(raw, load_weights=False)["train_pairs"] == 8
+    assert preftune.validate(path, load_weights=False, num_processes=2)["pairs_per_step"] == 2 * 2
+    run = preftune.train(raw, log=quiet)
+    assert load_file(run / "model" / "model.safetensors")
+    with pytest.raises(preftune.config.ConfigError, match="not int"):
+        preftune.load_config(3)
