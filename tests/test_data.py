@@ -206,8 +206,8 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     ]
     dd = tmp_path / "dd"
     assert [r["_source"] for r in load_rows(dd, columns=columns, split="test")] == [
-        f"{dd} record 0",
-        f"{dd} record 1",
+        f"{dd} [test] record 0",
+        f"{dd} [test] record 1",
     ]
     with pytest.raises(DataError, match=r"dd: no split 'validation'; the splits are \['train', 'test'\]"):
         load_rows(dd, columns=columns, split="validation")
@@ -255,9 +255,9 @@ def test_missing_path_and_unsupported_file(tmp_path, monkeypatch):
         load_rows("data/missing.jsonl")
     with pytest.raises(DataError, match=r"nothing-here: file not found"):
         load_rows("nothing-here")
-    (tmp_path / "notes.txt").write_text("hi", encoding="utf-8")
-    with pytest.raises(DataError, match=r"notes\.txt: unsupported file type '\.txt'"):
-        load_rows("notes.txt")
+    (tmp_path / "notes.md").write_text("hi", encoding="utf-8")
+    with pytest.raises(DataError, match=r"notes\.md: unsupported file type '\.md'"):
+        load_rows("notes.md")
 
 
 def test_hub_id_goes_to_load_dataset_and_failures_mention_the_network(tmp_path, monkeypatch):

@@ -182,3 +182,17 @@ def test_a_missing_reward_function_fails_before_any_sampling(tmp_path, tiny_mode
 def test_reward_model_is_not_an_experiment_method():
     with pytest.raises(ConfigError, match="reward_model trains a scorer, not a policy"):
         experiment_config_from_dict({"methods": [{"method": "reward_model", "betas": [0.1]}]})
+
+
+def test_shared_reference_is_computed_like_the_training_runs_under_bf16(tmp_path, tiny_model_dir):
+    """The reference stage uses the training runs' weights and autocast, so DPO's first loss is ln 2."""
+    import math
+
+    methods = [{"method": "dpo", "betas": [0.1]}]
+    cfg = _cfg(tmp_path, tiny_model_dir, methods=methods)
+    cfg.train.mixed_precision = "bf16"
+    run_experiment(cfg, log=lambda *_: None)
+    rows = (tmp_path / "exp" / "train" / "dpo-beta0.1" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    stage = json.loads((tmp_path / "exp" / "reference" / "stage.json").read_text())
+    assert stage["inputs"]["mixed_precision"] == "bf16" and stage["inputs"]["dtype"] == "float32"

@@ -13,8 +13,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from preftune import rewards
-from preftune.experiments import metrics
+from preftune import metrics, rewards
 from preftune.experiments.pairs import build_pairs
 from preftune.experiments.prompts import load_prompts
 from preftune.experiments.report import (

@@ -21,8 +21,9 @@ import preftune
 from preftune.cli import main
 from preftune.data import DataError
 from preftune.training import train
-from preftune.training.engine import NonFiniteError, Terminated, hold_interrupt
+from preftune.training.engine import NonFiniteError
 from preftune.training.pairs import PairFamily
+from preftune.training.signals import StopSignals, Terminated, stop_signals
 
 
 @pytest.fixture
@@ -56,13 +57,45 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, tiny_mode
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigterm_is_held_until_the_optimizer_step_is_whole():
-    done = []
-    with pytest.raises(Terminated):
-        with hold_interrupt():
+def test_signals_are_deferred_to_the_step_boundary_and_a_second_one_stops_at_once():
+    with stop_signals() as signals:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded, not raised
+            done = "went on"
+            assert isinstance(signals.requested(), Terminated)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # a second signal: at once
+        with pytest.raises(Terminated):  # outside the steps: at once
             os.kill(os.getpid(), signal.SIGTERM)
-            done.append("step applied")
-    assert done == ["step applied"]
+    assert done == "went on" and StopSignals().requested() is None
+
+
+def test_a_signal_inside_the_optimizer_step_checkpoints_that_step(
+    tmp_path, tiny_model_dir, data, monkeypatch
+):
+    """The stop waits for the step, so the checkpoint holds exactly the state after it (not one step more)."""
+    from preftune.training.engine import Stepper
+
+    sections = {"training": {"max_steps": 4}}
+    plain = train(make_cfg(tiny_model_dir, data, tmp_path / "a", **sections), log=quiet)
+    real_step = Stepper.step
+
+    def step_then_signal(self, finite_loss=True):
+        outcome = real_step(self, finite_loss)
+        if self.scheduler.last_epoch == 2:  # the second step was just applied
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outcome
+
+    monkeypatch.setattr(Stepper, "step", step_then_signal)
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "b", **sections)
+    with pytest.raises(Terminated):
+        train(cfg, log=quiet)
+    monkeypatch.setattr(Stepper, "step", real_step)
+    assert _ckpts(tmp_path / "b") == ["step-0000002"]
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2]  # the step's row was written too
+    train(cfg, resume=True, log=quiet)
+    wa, wb = weights(plain / "model"), weights(tmp_path / "b" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_sigterm_to_the_cli_exits_nonzero_with_a_checkpoint(tmp_path, tiny_model_dir, data):
@@ -222,3 +255,96 @@ def test_every_api_accepts_a_dict_a_path_or_a_config(tmp_path, tiny_model_dir, d
     assert load_file(run / "model" / "model.safetensors")
     with pytest.raises(preftune.config.ConfigError, match="not int"):
         preftune.load_config(3)
+
+
+# --- review findings -------------------------------------------------------------------------------------
+
+
+def test_huge_but_finite_losses_keep_metrics_valid_json(tmp_path, tiny_model_dir):
+    rows = pair_records(4)
+    for r in rows:
+        r["margin"] = 1e300  # float64 loss ~1e300: finite, though no float32 holds it
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    cfg = preftune.load_config(
+        {**raw_config(tiny_model_dir, data, tmp_path / "rm"), "method": "reward_model"}
+    )
+    run = train(cfg, log=quiet)
+    rows_out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert rows_out[0]["loss"] == pytest.approx(1e300, rel=1e-6)
+    assert json.loads((run / "result.json").read_text())["final_train_metrics"]["loss"] > 1e299
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, tiny_model_dir, data):
+    from preftune.training import RunDirError
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "r", training={"max_steps": 4, "save_every": 2})
+
+    def stop(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step_end=stop, log=quiet)
+    state_file = tmp_path / "r" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(RunDirError, match="written by a run with 2 process"):
+        train(cfg, resume=True, log=quiet)
+
+
+def test_a_torn_metrics_line_does_not_block_resume_and_a_complete_run_says_so(tmp_path, tiny_model_dir, data):
+    from preftune.training import RunDirError
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "r", training={"max_steps": 4, "save_every": 2})
+
+    def stop(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step_end=stop, log=quiet)
+    with (tmp_path / "r" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tr')  # killed while appending
+    train(cfg, resume=True, log=quiet)
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2, 3, 4]
+    with pytest.raises(RunDirError, match="is complete"):
+        train(cfg, resume=True, log=quiet)
+
+
+def test_a_config_object_is_checked_like_a_file(tmp_path, tiny_model_dir, data):
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "r")
+    cfg.training.batch_size = 0
+    with pytest.raises(preftune.config.ConfigError, match="batch_size must be >= 1"):
+        train(cfg, log=quiet)
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "r")
+    cfg.model.dtype = "bfloat16"
+    with pytest.raises(preftune.config.ConfigError, match="mixed_precision"):
+        preftune.validate(cfg, load_weights=False)
+    fp16 = make_cfg(tiny_model_dir, data, tmp_path / "r", training={"mixed_precision": "fp16"})
+    if not torch.cuda.is_available():
+        with pytest.raises(preftune.config.ConfigError, match="fp16 needs a CUDA GPU"):
+            preftune.validate(fp16, load_weights=False)
+
+
+def test_bad_numbers_and_ids_are_named(tmp_path):
+    from preftune.data import validate_rows
+
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 10**400, "score_rejected": 1, "_source": "f line 1"},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "prompt_ids": [1], "chosen_ids": [True, False],
+         "rejected_ids": [3], "_source": "f line 2"},
+    ]  # fmt: skip
+    with pytest.raises(DataError) as info:
+        validate_rows(rows)
+    assert "f line 1: field 'score_chosen': must be finite" in str(info.value)
+    assert "f line 2: field 'chosen_ids': must be a list of non-negative token ids" in str(info.value)
+
+
+def test_split_by_prompt_passes_over_a_group_that_would_overshoot():
+    from preftune.data import split_rows
+
+    rows = [{"prompt": "big", "chosen": "a", "rejected": f"b{i}"} for i in range(30)]
+    rows += [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(20)]
+    sizes = {len(split_rows(rows, eval_fraction=0.2, seed=s)[1]) for s in range(8)}
+    assert sizes == {10}  # the 30-row group never fits a target of 10; ten small ones do

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from .config import ConfigError, dump_yaml, load_train_config
-from .training.engine import Terminated
+from .training.signals import Terminated
 
 
 def _add_config_args(p: argparse.ArgumentParser, what: str = "CONFIG.yaml") -> None:

@@ -159,7 +159,28 @@ class RewardModelConfig:
     use_margin: bool = True  # subtract the data's `margin` column when present
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO and its variants (see :mod:`preftune.losses.policy_gradient` for each option's paper)."""
+
+    group_size: int = 8  # G completions per prompt
+    prompts_per_step: int = 4  # P prompts per optimizer step, all processes together
+    iterations: int = 1  # μ optimizer steps per batch of samples (μ > 1: π_old != π_θ)
+    beta: float = 0.0  # KL coefficient; 0 = no reference model at all
+    kl: str = "k3"  # k1 | k2 | k3
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28
+    scale: str = "group"  # group | batch | none (Dr. GRPO)
+    baseline: str = "mean"  # mean | leave_one_out (RLOO)
+    aggregation: str = "token_mean"  # token_mean (DAPO) | sequence_mean (paper) | constant (Dr. GRPO)
+    mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
+    rewards: list = field(default_factory=lambda: ["vader"])  # names or {name, weight, options} mappings
+    eval_samples_per_prompt: int = 2  # held-out completions per eval prompt (reward, KL)
+    log_completions_every: int = 10  # optimizer steps between completions.jsonl samples; 0 = never
+
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ONLINE_METHODS = ("grpo",)  # trained from prompts and reward functions, with the `generation` section
 
 METHOD_SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
@@ -169,6 +190,7 @@ METHOD_SECTIONS: dict[str, type] = {
     "odpo": ODPOConfig,
     "simpo": SimPOConfig,
     "reward_model": RewardModelConfig,
+    "grpo": GRPOConfig,
 }
 
 
@@ -178,6 +200,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # online methods only
     dpo: DPOConfig | None = None
     ipo: IPOConfig | None = None
     hinge: HingeConfig | None = None
@@ -185,13 +208,19 @@ class TrainConfig:
     odpo: ODPOConfig | None = None
     simpo: SimPOConfig | None = None
     reward_model: RewardModelConfig | None = None
+    grpo: GRPOConfig | None = None
 
     @property
     def method_config(self) -> Any:
         return getattr(self, self.method)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as YAML would hold it: method sections that are not used, and the generation section
+        of an offline method, are left out."""
+        out = dataclasses.asdict(self)
+        if self.method not in ONLINE_METHODS:
+            out.pop("generation")
+        return {k: v for k, v in out.items() if not (k in METHOD_SECTIONS and v is None)}
 
 
 # --- building from dicts --------------------------------------------------------------------------------
@@ -221,6 +250,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if value is None:
         raise ConfigError(f"{key}: a value is required (got null)")
+    if tp is list:  # free-form list (e.g. reward specs), checked by whoever consumes it
+        if isinstance(value, list):
+            return list(value)
+        return [value]
     if tp is dict:  # free-form mapping, checked by whoever consumes it
         if isinstance(value, dict):
             return dict(value)
@@ -245,8 +278,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
-        if value is False:  # YAML 1.1 reads a bare `no` (or `off`) as false: `mixed_precision: no`
-            return "no"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -321,6 +352,14 @@ def train_config_from_dict(raw: dict, *, source: str = "config") -> TrainConfig:
             f"{source}: section(s) {', '.join(others)} given but method is {method!r}; "
             "they would be ignored, so remove them or change `method`"
         )
+    training = raw.get("training")
+    if isinstance(training, dict) and training.get("mixed_precision") is False:
+        raw["training"] = {**training, "mixed_precision": "no"}  # YAML 1.1 reads a bare `no` as false
+    if method not in ONLINE_METHODS and raw.get("generation") is not None:
+        raise ConfigError(
+            f"{source}: section generation is for online methods ({', '.join(ONLINE_METHODS)}); "
+            f"{method!r} trains on fixed pairs and would ignore it"
+        )
     raw.setdefault(method, {})
     if raw[method] is None:
         raw[method] = {}
@@ -342,10 +381,8 @@ def load_config(config: TrainConfig | dict | str | Path, overrides: list[str] | 
     with ``dotted.key=value`` overrides applied. Every API that takes a config accepts all three."""
     import copy
 
-    if isinstance(config, TrainConfig):
-        if not overrides:
-            return config
-        return train_config_from_dict(apply_overrides(config.to_dict(), overrides))
+    if isinstance(config, TrainConfig):  # rebuilt, so a field set by hand is checked like a file's
+        return train_config_from_dict(apply_overrides(config.to_dict(), overrides or []))
     if isinstance(config, dict):
         return train_config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
     if isinstance(config, (str, Path)):
@@ -361,7 +398,14 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         bad("data.train is required (a JSONL/JSON/CSV/Parquet file, a save_to_disk folder or a hub id)")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         bad(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
+    if cfg.method in ONLINE_METHODS:
+        d, n = cfg.data, cfg.generation.max_new_tokens
+        if d.max_prompt_length < 1 or d.max_prompt_length + n > d.max_length:
+            bad(
+                f"data.max_prompt_length ({d.max_prompt_length}) + generation.max_new_tokens ({n}) must be at most "
+                f"data.max_length ({d.max_length}): a prompt and its completion must fit"
+            )
+    elif cfg.data.max_prompt_length >= cfg.data.max_length:
         bad(
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length})"
         )
@@ -395,7 +439,9 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         if name not in ("tensorboard", "wandb"):
             bad(f"training.report_to: unknown tracker {name!r} (tensorboard, wandb)")
     m = cfg.method_config
-    if hasattr(m, "beta") and m.beta <= 0:
+    if cfg.method in ONLINE_METHODS:
+        _validate_online(cfg, bad)
+    elif m is not None and hasattr(m, "beta") and m.beta <= 0:
         bad(f"{cfg.method}.beta must be > 0, got {m.beta}")
     if cfg.method == "dpo" and not 0.0 <= m.label_smoothing < 0.5:
         bad(f"dpo.label_smoothing must be in [0, 0.5), got {m.label_smoothing}")
@@ -406,6 +452,53 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
             bad(f"odpo.alpha must be >= 0, got {m.alpha}")
     if cfg.method == "rpo" and m.alpha < 0:
         bad(f"rpo.alpha must be >= 0, got {m.alpha}")
+
+
+def _validate_online(cfg: TrainConfig, bad) -> None:
+    g, gen, t = cfg.grpo, cfg.generation, cfg.training
+    checks = [
+        (
+            g.group_size >= 2,
+            f"grpo.group_size must be >= 2 (group advantages compare completions), got {g.group_size}",
+        ),
+        (g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}"),
+        (g.iterations >= 1, f"grpo.iterations must be >= 1, got {g.iterations}"),
+        (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
+        (g.kl in ("k1", "k2", "k3"), f"grpo.kl must be k1, k2 or k3, got {g.kl!r}"),
+        (
+            0 <= g.epsilon_low < 1 and g.epsilon_high >= 0,
+            "grpo.epsilon_low must be in [0, 1), epsilon_high >= 0",
+        ),
+        (g.scale in ("group", "batch", "none"), f"grpo.scale must be group, batch or none, got {g.scale!r}"),
+        (
+            g.baseline in ("mean", "leave_one_out"),
+            f"grpo.baseline must be mean or leave_one_out, got {g.baseline!r}",
+        ),
+        (
+            g.aggregation in ("sequence_mean", "token_mean", "constant"),
+            f"grpo.aggregation must be sequence_mean, token_mean or constant, got {g.aggregation!r}",
+        ),
+        (bool(g.rewards), "grpo.rewards must name at least one reward function"),
+        (g.eval_samples_per_prompt >= 1, "grpo.eval_samples_per_prompt must be >= 1"),
+        (g.log_completions_every >= 0, "grpo.log_completions_every must be >= 0"),
+        (
+            gen.max_new_tokens >= 1 and gen.batch_size >= 1,
+            "generation.max_new_tokens and batch_size must be >= 1",
+        ),
+        (
+            gen.temperature > 0,
+            "generation.temperature must be > 0 for GRPO (greedy completions of one prompt are identical)",
+        ),
+        (0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}"),
+        (
+            t.grad_accum == 1,
+            "training.grad_accum is not used by online methods: a step is grpo.prompts_per_step × "
+            "grpo.group_size completions, processed training.batch_size at a time; leave grad_accum at 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            bad(message)
 
 
 def dump_yaml(data: dict) -> str:

@@ -62,20 +62,8 @@ class _NotFast(Exception):
     """The model's forward does not fit the response-only head; use the full forward."""
 
 
-def token_logps(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    fast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of response tokens, flattened.
-
-    Args: input_ids, attention_mask (N, T); response_mask (N, T) bool, True where input_ids[:, t] is a
-    response token. Returns (logps (M,) fp32, row (M,) long): the log-prob of each response token and
-    the row it belongs to, M = response_mask[:, 1:].sum(). Both on the model's device.
-    """
+def _response_logits(model, input_ids, attention_mask, response_mask, fast: bool):
+    """(logits (M, V), targets (M,), rows (M,)) at the response positions, on the model's device."""
     device = device_of(model)
     input_ids, attention_mask, response_mask = (
         t.to(device) for t in (input_ids, attention_mask, response_mask)
@@ -96,8 +84,40 @@ def token_logps(
     if logits is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = logits[:, :-1][targets_mask]  # (M, V)
+    return logits, targets, rows
+
+
+def token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    fast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of response tokens, flattened.
+
+    Args: input_ids, attention_mask (N, T); response_mask (N, T) bool, True where input_ids[:, t] is a
+    response token. Returns (logps (M,) fp32, row (M,) long): the log-prob of each response token and
+    the row it belongs to, M = response_mask[:, 1:].sum(), row-major. Both on the model's device.
+    """
+    logits, targets, rows = _response_logits(model, input_ids, attention_mask, response_mask, fast)
     logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) = log_softmax(logits)[targets]
     return logps, rows
+
+
+def token_logps_with_entropy(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` plus the entropy of π at each response position, −Σ_v p_v log p_v (M,), from the
+    same logits (detached: a diagnostic, not part of any loss)."""
+    logits, targets, rows = _response_logits(model, input_ids, attention_mask, response_mask, True)
+    logits = logits.float()
+    logps = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
+    with torch.no_grad():
+        logp_all = torch.log_softmax(logits.detach(), dim=-1)  # (M, V)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)  # (M,)
+    return logps, rows, entropy
 
 
 def sequence_logps(

@@ -160,6 +160,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast(mixed_precision: str, device: torch.device):
+    """The autocast context of ``training.mixed_precision`` (what accelerate's ``autocast`` enters), for code
+    that must compute like a training run outside of one."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return torch.autocast(
+        device.type, dtype=dtypes.get(mixed_precision, torch.bfloat16), enabled=mixed_precision in dtypes
+    )
+
+
 def device_of(model) -> torch.device:
     """The device of the model's parameters: where its inputs must go."""
     return next(model.parameters()).device

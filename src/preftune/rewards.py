@@ -1,4 +1,33 @@
-"""Reward functions: ``reward(prompts, responses) -> scores``, shared by the experiment and online training.
+"""Reward functions, shared by the experiment and online training: one signature, checked results.
+
+A reward function is called as ``f(prompts, completions, completion_ids, **columns)`` and returns one
+``float`` or ``None`` per completion:
+
+- ``prompts``: the prompts, one per completion (a text, or a list of messages);
+- ``completions``: the decoded completions (special tokens skipped);
+- ``completion_ids``: the sampled token ids of each completion (with the EOS, if one was generated);
+- ``**columns``: the prompt data set's other columns, one value per completion (``answer=[...]``).
+
+A function receives only the arguments it names (or all of them with ``**kwargs``), so
+``def score(prompts, completions)`` is a valid reward. ``None`` means "no reward for this completion": it
+is left out of its group's statistics (online training) and needs another function to score it when
+several are combined. A function that raises, returns the wrong number of values, or a non-finite value
+stops with an error naming it.
+
+Built-in functions (config ``{name: ..., weight: ..., options}`` or a plain name string):
+
+==========================  =====================================================================
+``vader``                   sentiment of the completion, r = 1 + VADER compound (below), in (0, 2)
+``length`` (``target``)     −|n − target| / target for a completion of n tokens: 0 at the target
+``regex`` (``pattern``,     1.0 if the pattern is found in the completion (``mode: search``) or
+``mode``)                   matches all of it (``mode: fullmatch``), else 0.0
+``exact_match``             1.0 if the completion equals the row's ``column`` (default ``answer``),
+(``column``, ``normalize``)  after stripping and case-folding when ``normalize`` (default true);
+                            ``None`` where the row has no value
+``reward_model:PATH``       a preftune-trained reward model (one-output classifier), scoring
+                            ``prompt + completion``; safetensors only, no remote code
+``package.module:function`` any importable callable with the signature above
+==========================  =====================================================================
 
 The sentiment reward
 --------------------
@@ -27,30 +56,25 @@ c around 0.3-0.6). Only the *response* is scored: the prompt's own words (review
 openings can contain genre words such as "horror" that VADER counts as negative) would
 add the same constant to every response of a prompt.
 
-Other rewards
--------------
-:func:`load_reward` turns a spec string into a reward function:
-
-- ``"vader"``: :func:`vader_reward`;
-- ``"reward_model:PATH"``: a sequence-classification model with one output, loaded from
-  a local folder (:class:`RewardModelScorer`), scoring ``prompt + response``;
-- ``"package.module:function"``: any importable callable with the same signature.
-
-Every function it returns validates the result: one finite float per response.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
-
 REWARD_MODEL_PREFIX = "reward_model:"
 COMPOUND_CLIP = 0.9999  # one step of VADER's 4-decimal rounding inside +-1
+
+
+class RewardError(ValueError):
+    """A reward function failed or returned something unusable; the message names it."""
 
 
 @lru_cache(maxsize=1)
@@ -60,27 +84,80 @@ def _analyzer():
     return SentimentIntensityAnalyzer()
 
 
-def _check_lengths(prompts: list[str], responses: list[str]) -> None:
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
+def _check_lengths(prompts: Sequence, completions: Sequence) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} responses; they must pair up")
 
 
-def vader_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """r = 1 + clip(VADER compound(response), +-0.9999), in (0, 2); see the module docstring.
+def vader_reward(prompts: list, completions: list[str]) -> list[float]:
+    """r = 1 + clip(VADER compound(completion), +-0.9999), in (0, 2); see the module docstring.
 
     ``prompts`` is accepted for the common signature and only checked for length.
     """
-    _check_lengths(prompts, responses)
+    _check_lengths(prompts, completions)
     analyzer = _analyzer()
     scores = []
-    for text in responses:
+    for text in completions:
         compound = float(analyzer.polarity_scores(text)["compound"])  # rounded to 4 decimals
         scores.append(1.0 + min(max(compound, -COMPOUND_CLIP), COMPOUND_CLIP))
     return scores
 
 
+def length_reward(target: int) -> Callable:
+    """−|n − target| / target for a completion of n tokens."""
+    if not target >= 1:
+        raise ValueError(f"length reward: target must be >= 1 token, got {target}")
+
+    def length(prompts, completions, completion_ids):
+        return [-abs(len(ids) - target) / target for ids in completion_ids]
+
+    return length
+
+
+def regex_reward(pattern: str, mode: str = "search") -> Callable:
+    """1.0 if ``pattern`` is found in (``search``) or matches all of (``fullmatch``) the completion."""
+    if mode not in ("search", "fullmatch"):
+        raise ValueError(f"regex reward: mode must be search or fullmatch, got {mode!r}")
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as err:
+        raise ValueError(f"regex reward: bad pattern {pattern!r}: {err}") from None
+    match = compiled.search if mode == "search" else compiled.fullmatch
+
+    def regex(prompts, completions):
+        return [1.0 if match(text) else 0.0 for text in completions]
+
+    return regex
+
+
+def exact_match_reward(column: str = "answer", normalize: bool = True) -> Callable:
+    """1.0 if the completion equals the row's ``column`` (None where the row has no value)."""
+
+    def norm(text: str) -> str:
+        return text.strip().casefold() if normalize else text
+
+    def exact_match(prompts, completions, **columns):
+        if column not in columns:
+            raise ValueError(f"exact_match reward: the prompt data has no column {column!r}")
+        return [
+            None if ref is None else float(norm(text) == norm(str(ref)))
+            for text, ref in zip(completions, columns[column])
+        ]
+
+    return exact_match
+
+
+BUILTIN: dict[str, Callable[..., Callable]] = {
+    "vader": lambda: vader_reward,
+    "length": length_reward,
+    "regex": regex_reward,
+    "exact_match": exact_match_reward,
+}
+
+
 class RewardModelScorer:
-    """Scores ``prompt + response`` with a local sequence-classification model (one logit).
+    """Scores ``prompt + completion`` with a local sequence-classification model (one logit); a
+    conversational prompt is rendered with the reward model's chat template first.
 
     The model is loaded through :func:`preftune.models.load_model` (safetensors only,
     ``trust_remote_code=False``), put in eval mode and run without gradients. Texts are
@@ -121,11 +198,16 @@ class RewardModelScorer:
         model = load_model(str(path), sequence_classification=True, pad_token_id=self.tokenizer.pad_token_id)
         self.model = model.to(self.device).eval()
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _text(self, prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
         import torch
 
-        _check_lengths(prompts, responses)
-        texts = [p + r for p, r in zip(prompts, responses)]
+        _check_lengths(prompts, completions)
+        texts = [self._text(p) + r for p, r in zip(prompts, completions)]
         scores: list[float] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
@@ -144,7 +226,10 @@ class RewardModelScorer:
 def _import_callable(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward spec {spec!r}: expected 'vader', 'reward_model:PATH' or 'module:function'")
+        raise ValueError(
+            f"reward spec {spec!r}: expected a built-in ({', '.join(BUILTIN)}), 'reward_model:PATH' or "
+            "'module:function'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -159,47 +244,98 @@ def _import_callable(spec: str) -> Callable:
     return obj
 
 
-def _validated(fn: Callable, spec: str) -> RewardFn:
-    def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
-        raw = fn(prompts, responses)
+def _accepted(fn: Callable) -> tuple[set[str], bool]:
+    """The keyword arguments ``fn`` names, and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it everything
+        return set(), True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+@dataclass
+class RewardFunction:
+    """A named, weighted reward function with checked output (one finite float or None per completion)."""
+
+    name: str
+    fn: Callable
+    weight: float = 1.0
+    _names: set[str] = field(default_factory=set, repr=False)
+    _any: bool = field(default=False, repr=False)
+
+    def __post_init__(self):
+        self._names, self._any = _accepted(self.fn)
+
+    def __call__(self, prompts, completions, completion_ids=None, **columns) -> list[float | None]:
+        _check_lengths(prompts, completions)
+        extra = {"completion_ids": completion_ids, **columns}
+        kwargs = {k: v for k, v in extra.items() if v is not None and (self._any or k in self._names)}
         try:
-            values = [float(v) for v in raw]
+            raw = self.fn(prompts, completions, **kwargs)
+        except Exception as err:
+            raise RewardError(f"reward {self.name!r} raised {type(err).__name__}: {err}") from err
+        try:
+            values = [None if v is None else float(v) for v in raw]
         except (TypeError, ValueError) as err:
-            raise ValueError(f"reward {spec!r} returned values that are not numbers: {err}") from err
-        if len(values) != len(responses):
-            raise ValueError(f"reward {spec!r} returned {len(values)} scores for {len(responses)} responses")
+            raise RewardError(f"reward {self.name!r} returned values that are not numbers: {err}") from err
+        if len(values) != len(completions):
+            raise RewardError(
+                f"reward {self.name!r} returned {len(values)} scores for {len(completions)} responses"
+            )
         for i, v in enumerate(values):
-            if not math.isfinite(v):
-                raise ValueError(f"reward {spec!r} returned a non-finite score {v} at index {i}")
+            if v is not None and not math.isfinite(v):
+                raise RewardError(f"reward {self.name!r} returned a non-finite score {v} at index {i}")
         return values
 
-    reward.__name__ = f"reward[{spec}]"
-    reward.__doc__ = f"Reward {spec!r} with checked output (one finite float per response)."
-    return reward
 
-
-def load_reward(spec: str) -> RewardFn:
-    """Turn a reward spec into ``fn(prompts, responses) -> list[float]``.
-
-    Specs: ``"vader"``; ``"reward_model:PATH"`` (a local folder, see
-    :class:`RewardModelScorer`); ``"module:function"`` (``function`` may be a dotted
-    attribute path). The ``reward_model:`` prefix is checked first. The returned function
-    raises ``ValueError`` naming the spec when the scores do not match the responses in
-    number or are not finite (naming the first bad index).
-    """
-    spec = spec.strip()
-    if spec == "vader":
-        fn: Callable = vader_reward
-    elif spec.startswith(REWARD_MODEL_PREFIX):
-        path = spec[len(REWARD_MODEL_PREFIX) :]
+def load_reward(spec: str | dict) -> RewardFunction:
+    """A :class:`RewardFunction` from a spec: a name string (``"vader"``, ``"reward_model:PATH"``,
+    ``"package.module:function"``) or a mapping ``{name: ..., weight: 1.0, <options>}`` (options of the
+    built-ins: ``length.target``, ``regex.pattern``/``mode``, ``exact_match.column``/``normalize``;
+    ``reward_model.batch_size``). Errors (unknown name, missing module or function, bad options) are
+    raised here, before any sampling."""
+    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    name = options.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(
+            f"reward {spec!r}: needs a 'name' (a built-in, 'reward_model:PATH' or 'module:function')"
+        )
+    name = name.strip()
+    weight = options.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
+    if name in BUILTIN:
+        try:
+            fn = BUILTIN[name](**options)
+        except TypeError as err:
+            raise ValueError(f"reward {name!r}: bad options {options}: {err}") from None
+    elif name.startswith(REWARD_MODEL_PREFIX):
+        path = name[len(REWARD_MODEL_PREFIX) :]
         if not path:
-            raise ValueError(f"reward spec {spec!r}: missing PATH after 'reward_model:'")
-        fn = RewardModelScorer(path, batch_size=16)
-    elif ":" in spec:
-        fn = _import_callable(spec)
+            raise ValueError(f"reward spec {name!r}: missing PATH after 'reward_model:'")
+        fn = RewardModelScorer(path, **options)
+    elif ":" in name:
+        if options:
+            raise ValueError(f"reward {name!r}: a module:function takes no options (got {sorted(options)})")
+        fn = _import_callable(name)
     else:
         raise ValueError(
-            f"unknown reward spec {spec!r}; expected 'vader', 'reward_model:PATH' or 'module:function'"
+            f"unknown reward spec {name!r}; expected a built-in ({', '.join(BUILTIN)}), 'reward_model:PATH' "
+            "or 'module:function'"
         )
-    return _validated(fn, spec)
+    return RewardFunction(name, fn, float(weight))
+
+
+def score_all(
+    functions: Sequence[RewardFunction], prompts, completions, completion_ids, columns: dict
+) -> tuple[list[float | None], dict[str, list[float | None]]]:
+    """Every function's rewards and their weighted sum per completion: Σ_k w_k r_k over the functions
+    that gave a value; ``None`` when none did."""
+    per_function = {f.name: f(prompts, completions, completion_ids, **columns) for f in functions}
+    totals: list[float | None] = []
+    for i in range(len(completions)):
+        parts = [(f.weight, per_function[f.name][i]) for f in functions]
+        given = [w * v for w, v in parts if v is not None]
+        totals.append(sum(given) if given else None)
+    return totals, per_function

@@ -1,32 +1,188 @@
-"""Sample K continuations per prompt from a causal LM: the one sampling path (offline experiment data,
-online training, ``preftune generate``).
+"""The one sampling path: K completions per prompt from a causal LM, for the experiment's data, online
+training and ``preftune generate``.
 
-Prompts are tokenised by the data layer's prompt rule (:func:`preftune.data.prompt_ids`: a plain
-text gets one BOS token where the tokenizer adds one, never two), left-padded into batches with an
-attention mask built here, and continued by ``model.generate``. Rows are the prompts repeated K times in
-order (prompt 0 × K, prompt 1 × K, ...), ``batch_size`` rows per batch.
+How (:func:`sample_ids`): a batch of prompts is left-padded and **prefilled once**; the KV cache and the
+last position's logits are then repeated K times (``DynamicCache.batch_repeat_interleave``), so a group's
+shared prompt is encoded once, not K times. Decoding feeds one token per live row with explicit position
+ids (left padding does not shift positions); a row stops at its first EOS, and finished rows are dropped
+from the batch (``batch_select_indices``) once a quarter of the batch has finished, so they cost nothing
+more. Models whose cache cannot be repeated fall back to prefilling every copy of the prompt.
 
-Sampling is pure ancestral sampling from the model when ``temperature=1, top_p=1``:
-``top_k=0`` and a neutral generation config are used, so defaults stored in the model's
-``generation_config`` (repetition penalty, top-k 50, ...) do not apply. Only then are the
-samples draws from π_θ, which the sequence-level KL estimate in
-a sequence-level KL estimate from the samples assumes. ``temperature=0`` is greedy.
+Randomness is keyed, not streamed: completion j of the prompt with key k (its index in the data) draws
+its uniforms from its own generator, seeded with ``derive_seed(seed, k, j)``, one per decode step, and
+samples each token by inverse CDF. The tokens therefore depend only on (seed, prompt, slot, model): not on
+the batch size, prefix sharing, when finished rows are dropped, or which process samples the prompt (so
+several processes sample what one process would), and two seeds never share a stream.
 
-Reproducibility: batch b is generated after ``torch.manual_seed(derive_seed(seed, b))`` inside
-``torch.random.fork_rng`` (the caller's RNG state is left as it was), so the same
-prompts, k, batch_size, seed, model and device give the same samples, and two streams with
-different seeds never reuse each other's batch seeds (as ``seed + b`` would).
+Sampling is pure ancestral sampling from the model when ``temperature=1, top_p=1`` (no top-k, no
+repetition penalty, no model-specific generation defaults): only then are the samples draws from π_θ,
+which a KL estimate from the samples assumes. ``temperature=0`` is greedy. Prompts are tokenised by the
+data layer's prompt rule (:func:`preftune.data.prompt_ids`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .config import GenerationConfig
 from .data.collate import collate_prompts
 from .data.tokenize import prompt_ids as tokenize_prompt
+from .models import device_of, unwrap_model
+
+COMPACT_FRACTION = 0.25  # drop finished rows once this share of the batch has finished
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (ints, names): streams with different parts never share a seed."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from ``logits`` (R, V) by inverse CDF with uniforms ``u`` (R,) in [0, 1).
+
+    temperature 0: argmax. top_p < 1: the smallest set of most likely tokens whose mass reaches top_p
+    (at least one), renormalised.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (R, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= top_p, 0.0)  # the first token always stays
+    cdf = probs.cumsum(dim=-1)  # (R, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (R, 1): scaled to the kept mass
+    index = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    return index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
+def _forward_last(model, **kwargs) -> tuple[torch.Tensor, object]:
+    """Logits of the last position only (R, V) fp32, and the cache."""
+    try:
+        out = model(**kwargs, use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        out = model(**kwargs, use_cache=True)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def _can_share(cache) -> bool:
+    return hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")
+
+
+@torch.no_grad()
+def _sample_batch(
+    model, prompts: Sequence[Sequence[int]], k: int, gen: GenerationConfig, *, eos_id, pad_id,
+    rngs: list[random.Random], share_prefix: bool,
+) -> tuple[list[list[int]], int]:  # fmt: skip
+    """K completions of each prompt in one batch, rows in order (prompt 0 × K, prompt 1 × K, ...); row r
+    draws its uniforms from ``rngs[r]``."""
+    device = device_of(model)
+    rows = len(prompts) * k
+    shared = share_prefix
+    batch = collate_prompts(prompts if shared else [p for p in prompts for _ in range(k)], pad_id)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, L) or (B·K, L)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    last, cache = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=positions)
+    if shared and not _can_share(cache):  # fall back: prefill every copy
+        return _sample_batch(
+            model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=False
+        )
+    if shared:
+        cache.batch_repeat_interleave(k)
+        last, mask = last.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    position = positions[:, -1].repeat_interleave(k, 0) if shared else positions[:, -1]  # (R,)
+    alive = torch.arange(rows, device=device)  # original row of each batch row
+    done = torch.zeros(rows, dtype=torch.bool, device=device)  # finished rows still in the batch
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for t in range(gen.max_new_tokens):
+        u = torch.tensor([rngs[r].random() for r in alive.tolist()], dtype=torch.float64)  # one per live row
+        token = pick_tokens(last, u, gen.temperature, gen.top_p)  # (R_alive,)
+        for r, tok, fin in zip(alive.tolist(), token.tolist(), done.tolist()):
+            if not fin:
+                out[r].append(tok)
+        if eos_id is not None:
+            done |= token == eos_id
+        if bool(done.all()) or t == gen.max_new_tokens - 1:
+            break
+        if _can_share(cache) and int(done.sum()) >= COMPACT_FRACTION * len(alive):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, mask, position, token, done = (x[keep] for x in (alive, mask, position, token, done))
+        position = position + 1
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
+        last, cache = _forward_last(
+            model, input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
+            past_key_values=cache,
+        )  # fmt: skip
+    return out, sum(len(o) for o in out)
+
+
+def sample_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    gen: GenerationConfig,
+    *,
+    eos_id: int | None,
+    pad_id: int,
+    seed: int,
+    keys: Sequence[int] | None = None,
+    share_prefix: bool = True,
+    progress: bool = False,
+) -> list[list[list[int]]]:
+    """``k`` completions (token ids, ending at and including the first EOS, if any) of each prompt.
+
+    ``gen.batch_size`` rows (prompt copies) per batch, so ``max(1, batch_size // k)`` prompts per batch.
+    ``keys`` (default: the prompts' positions) identify the prompts for the random draws: completion j of
+    the prompt with key q uses ``derive_seed(seed, q, j)``. The model's mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    if k < 1 or gen.max_new_tokens < 1 or gen.batch_size < 1:
+        raise ValueError(
+            f"k, max_new_tokens and batch_size must be >= 1 (got {k}, {gen.max_new_tokens}, {gen.batch_size})"
+        )
+    if gen.temperature < 0 or not 0 < gen.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {gen.temperature}, {gen.top_p}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("cannot sample from an empty prompt")
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"got {len(keys)} keys for {len(prompts)} prompts")
+    net = unwrap_model(model)  # generation needs no gradient synchronisation
+    was_training = net.training
+    net.eval()
+    per_batch = max(1, gen.batch_size // k)
+    result: list[list[list[int]]] = []
+    bar = tqdm(total=len(prompts) * k, unit="seq", desc="sampling", disable=not progress)
+    n_tokens, started = 0, time.perf_counter()
+    try:
+        for first in range(0, len(prompts), per_batch):
+            chunk = prompts[first : first + per_batch]
+            rngs = [
+                random.Random(derive_seed(seed, q, j))
+                for q in keys[first : first + per_batch]
+                for j in range(k)
+            ]
+            rows, tokens = _sample_batch(
+                net, chunk, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=share_prefix
+            )
+            result.extend(rows[i * k : (i + 1) * k] for i in range(len(chunk)))
+            n_tokens += tokens
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+    finally:
+        bar.close()
+        net.train(was_training)
+    return result
 
 
 @dataclass
@@ -38,7 +194,7 @@ class Samples:
     is their text decoded with ``skip_special_tokens=True``.
     """
 
-    prompts: list[str]
+    prompts: list
     prompt_ids: list[list[int]]
     response_ids: list[list[list[int]]]
     responses: list[list[str]]
@@ -47,10 +203,13 @@ class Samples:
     def k(self) -> int:
         return len(self.responses[0]) if self.responses else 0
 
-    def flat(self) -> tuple[list[str], list[str]]:
+    def flat(self) -> tuple[list, list[str]]:
         """``(prompts, responses)`` flattened row by row: each prompt repeated K times."""
         prompts = [p for p, rs in zip(self.prompts, self.responses) for _ in rs]
         return prompts, [r for rs in self.responses for r in rs]
+
+    def flat_ids(self) -> list[list[int]]:
+        return [ids for group in self.response_ids for ids in group]
 
     def records(self, scores: list[float]) -> list[dict]:
         """One record per prompt, ``{"prompt", "responses", "scores"}``, from flat scores."""
@@ -64,32 +223,10 @@ class Samples:
         return out
 
 
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (ints, names): streams with different parts never share a seed."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Plain-text prompts through the data layer's prompt rule (one BOS where the tokenizer adds one)."""
-    encoded = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
-    return encoded
-
-
-def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
-    """Keep tokens up to and including the first EOS; what follows it is padding."""
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    return ids
-
-
 def sample_responses(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     *,
     k: int,
     max_new_tokens: int,
@@ -99,82 +236,34 @@ def sample_responses(
     seed: int = 0,
     progress: bool = True,
 ) -> Samples:
-    """Sample ``k`` continuations of each prompt; see the module docstring.
+    """Sample ``k`` continuations of each prompt (texts or message lists) and decode them.
 
     Args:
-        model: a causal LM with ``generate`` (put in eval mode; its mode is restored).
+        model: a causal LM (its mode is restored afterwards).
         tokenizer: its tokenizer; pad id = ``pad_token_id``, else ``eos_token_id``.
-        prompts: texts to continue.
+        prompts: texts to continue, or conversations (the chat template's generation prompt is added).
         k: samples per prompt.
         max_new_tokens: response length limit (responses without EOS were cut here).
         temperature: 1.0 samples from the model; 0 is greedy.
         top_p: nucleus mass (1.0 = off).
-        batch_size: rows (prompt copies) per ``generate`` call.
-        seed: batch b uses ``torch.manual_seed(derive_seed(seed, b))``.
+        batch_size: rows (prompt copies) per batch.
+        seed: completion j of prompt i uses ``derive_seed(seed, i, j)`` (independent of ``batch_size``).
         progress: show a tqdm bar with generated tokens/s.
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
-    if k < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"k, max_new_tokens and batch_size must be >= 1 (got {k}, {max_new_tokens}, {batch_size})"
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad token nor an EOS token")
-
-    prompt_ids = _encode(tokenizer, prompts)
-    rows = [i for i in range(len(prompts)) for _ in range(k)]  # prompt index of each row
-    if temperature == 0:
-        sampling = {"do_sample": False}
-    else:
-        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
-    special = {"pad_token_id": pad_id, "eos_token_id": eos_id, "bos_token_id": tokenizer.bos_token_id}
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, **sampling, **special)
-
-    device = next(model.parameters()).device
-    rng_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
+    prompt_ids = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size
     )
-    was_training, saved_config = model.training, model.generation_config
-    model.eval()
-    model.generation_config = GenerationConfig(**special)  # no model-specific sampling defaults
-    flat_ids: list[list[int]] = []
-    bar = tqdm(total=len(rows), unit="seq", desc="sampling", disable=not progress)
-    n_tokens, start = 0, time.perf_counter()
-    try:
-        for b, first in enumerate(range(0, len(rows), batch_size)):
-            batch = [prompt_ids[i] for i in rows[first : first + batch_size]]
-            padded = collate_prompts(batch, pad_id)
-            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]  # (B, L)
-            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-                torch.manual_seed(derive_seed(seed, b))
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=gen_config,
-                )  # (B, L + T), T <= max_new_tokens
-            for new in out[:, input_ids.shape[1] :].tolist():
-                ids = _cut_at_eos(new, eos_id)
-                flat_ids.append(ids)
-                n_tokens += len(ids)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-    finally:
-        bar.close()
-        model.generation_config = saved_config
-        model.train(was_training)
-
-    response_ids = [flat_ids[i * k : (i + 1) * k] for i in range(len(prompts))]
+    response_ids = sample_ids(
+        model, prompt_ids, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, progress=progress
+    )
     responses = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in response_ids]
     return Samples(
         prompts=list(prompts), prompt_ids=prompt_ids, response_ids=response_ids, responses=responses

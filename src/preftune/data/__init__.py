@@ -1,7 +1,9 @@
-"""The data layer: rows -> examples -> batch (load, validate, tokenise, collate). See docs/data.md."""
+"""The data layer: rows -> examples -> batch (load, validate, tokenise, collate) for pair data and prompt
+data. See docs/data.md."""
 
 from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences
 from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
+from preftune.data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
 from preftune.data.tokenize import (
     TokenizeStats,
     prompt_ids,
@@ -16,6 +18,8 @@ __all__ = [
     "FIELDS",
     "DataError",
     "PairExample",
+    "PromptExample",
+    "PromptStats",
     "TokenizeStats",
     "collate_pairs",
     "collate_prompts",
@@ -26,6 +30,8 @@ __all__ = [
     "split_implicit_prompt",
     "split_rows",
     "tokenize_pair",
+    "tokenize_prompts",
     "tokenize_rows",
+    "validate_prompt_rows",
     "validate_rows",
 ]

@@ -30,6 +30,7 @@ import os
 import random
 import re
 from collections.abc import Mapping
+from importlib import resources
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 NUMBER_FIELDS: tuple[str, ...] = ("score_chosen", "score_rejected", "margin")
 MESSAGE_KEYS: frozenset[str] = frozenset({"role", "content"})
 
-_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+KEEP_ALL = "*"  # in a column mapping: keep every column, not only our fields
+BUILTIN = "builtin:"  # built-in prompt lists, package data (data/builtin/*.txt)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -61,17 +64,28 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_rows(
-    spec: str | os.PathLike, *, columns: Mapping[str, str] | None = None, split: str = "train"
+    spec: str | os.PathLike,
+    *,
+    columns: Mapping[str, str] | None = None,
+    split: str = "train",
+    keep_all: bool = False,
 ) -> list[dict]:
-    """Read rows from ``spec``: a file, a ``save_to_disk`` folder, or a hub dataset id.
+    """Read rows from ``spec``: a file, a ``save_to_disk`` folder, a hub dataset id, or a built-in prompt
+    list (``builtin:movie_reviews_train``).
 
     ``columns`` maps our field names to the source's column names (``{"chosen": "response_a"}``);
-    fields not named keep their own name. Only our fields (and ``_source``) are kept.
-    Rows are not validated here: call :func:`validate_rows`.
+    fields not named keep their own name. Only our fields (and ``_source``) are kept, unless
+    ``keep_all`` (prompt data sets: extra columns such as a reference answer go to reward functions).
+    A ``.txt`` file holds one prompt per line (blank lines and ``#`` comments skipped).
+    Rows are not validated here: call :func:`validate_rows` or :func:`validate_prompt_rows`.
     """
     mapping = _column_mapping(columns)
-    path = Path(spec)
+    if keep_all:
+        mapping[KEEP_ALL] = KEEP_ALL
     name = str(spec)
+    if name.startswith(BUILTIN):
+        return _load_builtin(name)
+    path = Path(spec)
     if path.is_dir():
         return _load_saved_dataset(path, name, mapping, split)
     if path.is_file():
@@ -84,6 +98,8 @@ def load_rows(
             return _load_csv(path, name, mapping)
         if suffix == ".parquet":
             return _load_parquet(path, name, mapping)
+        if suffix == ".txt":
+            return prompt_lines(read_text(path, name), name)
         raise DataError(
             f"{name}: unsupported file type {suffix!r}; expected one of {', '.join(_SUFFIXES)} "
             "or a folder written by datasets' save_to_disk"
@@ -107,16 +123,45 @@ def _column_mapping(columns: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _project(raw: Mapping[str, Any], mapping: dict[str, str], source: str) -> dict:
-    """Rename the source's columns to our fields, keep only those; ``None`` counts as absent."""
-    row = {field: raw[column] for field, column in mapping.items() if raw.get(column) is not None}
+    """Rename the source's columns to our fields, keep only those (or, with ``KEEP_ALL`` in the mapping,
+    every column); ``None`` counts as absent."""
+    fields = {field: column for field, column in mapping.items() if field != KEEP_ALL}
+    row = {field: raw[column] for field, column in fields.items() if raw.get(column) is not None}
+    if KEEP_ALL in mapping:
+        renamed = set(fields.values())
+        row.update({k: v for k, v in raw.items() if k not in renamed and k not in row and v is not None})
     row["_source"] = source
     return row
+
+
+def prompt_lines(text: str, name: str) -> list[dict]:
+    """Rows ``{"prompt", "_source"}`` of a text with one prompt per line; blank lines and lines starting
+    with '#' are skipped (but counted)."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rows.append({"prompt": line, "_source": f"{name} line {number}"})
+    return rows
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("preftune.data").joinpath("builtin")
+    return sorted(p.name.removesuffix(".txt") for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def _load_builtin(name: str) -> list[dict]:
+    which = name[len(BUILTIN) :]
+    if which not in builtin_names():
+        raise DataError(f"{name}: no such built-in prompt list; the built-in ones are {builtin_names()}")
+    text = resources.files("preftune.data").joinpath("builtin").joinpath(f"{which}.txt").read_text("utf-8")
+    return prompt_lines(text, name)
 
 
 def _check_columns(present: list[str], mapping: dict[str, str], name: str) -> None:
     """A column the user renamed explicitly must exist in a tabular source."""
     for field, column in mapping.items():
-        if column != field and column not in present:
+        if field != KEEP_ALL and column != field and column not in present:
             raise DataError(
                 f"{name}: column {column!r} (mapped to field {field!r}) not found; the columns are {present}"
             )
@@ -223,12 +268,13 @@ def _load_saved_dataset(path: Path, name: str, mapping: dict[str, str], split: s
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError as e:
         raise DataError(f"{name}: not a folder written by datasets' save_to_disk ({e})") from e
+    where = name
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{name}: no split {split!r}; the splits are {list(data)}")
-        data = data[split]
+        data, where = data[split], f"{name} [{split}]"
     _check_columns(data.column_names, mapping, name)
-    return [_project(r, mapping, f"{name} record {i}") for i, r in enumerate(data.to_list())]
+    return [_project(r, mapping, f"{where} record {i}") for i, r in enumerate(data.to_list())]
 
 
 def _load_hub(name: str, mapping: dict[str, str], split: str) -> list[dict]:
@@ -310,15 +356,17 @@ def _row_problems(row: dict, i: int, *, require_scores: bool, require_margin: bo
             value = row[field]
             if isinstance(value, bool) or not isinstance(value, Real):
                 bad(field, f"must be a number, got {type(value).__name__} {value!r}")
-            elif not math.isfinite(value):
-                bad(field, f"must be finite, got {value!r}")
+            elif not _finite(value):
+                bad(field, f"must be finite, got {str(value)[:30]}")
     present = [f for f in ID_FIELDS if f in row]
     if present:
         for field in ID_FIELDS:
             value = row.get(field)
             if value is None:
                 bad(field, f"missing (pre-tokenised rows need all of {', '.join(ID_FIELDS)})")
-            elif not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
+            elif not isinstance(value, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+            ):
                 bad(field, "must be a list of non-negative token ids")
             elif field != "prompt_ids" and not value:
                 bad(field, "empty")
@@ -329,6 +377,14 @@ def _row_problems(row: dict, i: int, *, require_scores: bool, require_margin: bo
     if require_margin and "margin" not in row:
         bad("margin", "missing (this method needs a margin)")
     return problems
+
+
+def _finite(value: Real) -> bool:
+    """Finite and representable as a float (an integer with 400 digits is neither)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _text_kind(value: Any) -> tuple[str, str]:
@@ -385,8 +441,8 @@ def split_rows(rows: list[dict], *, eval_fraction: float, seed: int) -> tuple[li
     """Split rows into (train, eval) **by prompt**: every row of a prompt lands on the same side, so the eval
     split measures prompts the model was not trained on. Each part keeps the original order.
 
-    Prompt groups are shuffled with ``seed`` and moved to eval while that brings it closer to
-    ``round(len(rows) * eval_fraction)`` rows: at least one group when ``eval_fraction > 0``, and never
+    Prompt groups are shuffled with ``seed`` and moved to eval, each one that brings it closer to
+    ``round(len(rows) * eval_fraction)`` rows (a group that would overshoot is passed over): at least one group when ``eval_fraction > 0``, and never
     every group, so train is never empty (a single prompt always goes to train). ``eval_fraction`` must be
     in ``[0, 1)``.
     """
@@ -401,11 +457,15 @@ def split_rows(rows: list[dict], *, eval_fraction: float, seed: int) -> tuple[li
     order = list(range(len(members)))
     random.Random(seed).shuffle(order)
     eval_indices: set[int] = set()
-    for g in order[: len(members) - 1]:  # leave at least one group for train
+    taken = 0
+    for g in order:
         have, size = len(eval_indices), len(members[g])
-        if have >= target or (have > 0 and have + size - target > target - have):
-            break  # adding this group would overshoot the target more than stopping undershoots it
+        if have >= target or taken == len(members) - 1:  # leave at least one group for train
+            break
+        if have > 0 and have + size - target > target - have:
+            continue  # it would overshoot more than stopping undershoots: try the next (smaller) groups
         eval_indices.update(members[g])
+        taken += 1
     train = [row for i, row in enumerate(rows) if i not in eval_indices]
     evaluation = [row for i, row in enumerate(rows) if i in eval_indices]
     return train, evaluation

@@ -153,17 +153,18 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
     return out
 
 
+def train_dtype(cfg: ExperimentConfig) -> str:
+    """The weights' dtype in training: `dtype` is the experiment's inference dtype, trained weights stay fp32
+    (the frozen base under LoRA is stored in `dtype`)."""
+    return cfg.dtype if cfg.train.lora.enabled else "float32"
+
+
 def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_dir: str) -> TrainConfig:
     """The ``preftune train`` config of one (method, beta) run on the experiment's pairs."""
     t = cfg.train
     raw = {
         "method": run.method,
-        # `dtype` is the experiment's inference dtype; trained weights stay fp32 (frozen LoRA base: `dtype`)
-        "model": {
-            "name_or_path": cfg.model,
-            "dtype": cfg.dtype if t.lora.enabled else "float32",
-            "lora": vars(t.lora).copy(),
-        },
+        "model": {"name_or_path": cfg.model, "dtype": train_dtype(cfg), "lora": vars(t.lora).copy()},
         "data": {
             "train": "pairs.jsonl",
             "max_length": t.max_length,

@@ -55,12 +55,16 @@ def _version(distribution: str) -> str | None:
 
 def reward_fingerprint(spec: str) -> dict:
     """A reward spec by what it computes: VADER's package version, a reward model's folder, or the source
-    file of a ``module:function`` (so editing the function reruns what depends on its scores)."""
-    from ..rewards import REWARD_MODEL_PREFIX
+    file of a ``module:function`` (so editing the function reruns what depends on its scores; a helper it
+    imports from another module is not followed)."""
+    from .. import __version__
+    from ..rewards import BUILTIN, REWARD_MODEL_PREFIX
 
     spec = spec.strip()
     if spec == "vader":
         return {"spec": spec, "vaderSentiment": _version("vaderSentiment")}
+    if spec in BUILTIN:
+        return {"spec": spec, "preftune": __version__}
     if spec.startswith(REWARD_MODEL_PREFIX):
         return {"spec": spec, "weights": folder_fingerprint(spec[len(REWARD_MODEL_PREFIX) :])}
     module = importlib.import_module(spec.partition(":")[0])

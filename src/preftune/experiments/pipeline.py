@@ -21,16 +21,16 @@ import json
 import time
 from pathlib import Path
 
+from .. import metrics as M
 from ..config import TrainConfig
 from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..logprobs import score_responses
-from ..models import default_device, load_model, load_tokenizer, resolve_model_path
-from ..rewards import load_reward
+from ..models import autocast, default_device, load_model, load_tokenizer, resolve_model_path
+from ..rewards import RewardError, load_reward
 from ..sampling import derive_seed, generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
-from . import metrics as M
-from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config
+from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config, train_dtype
 from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint, text_sha256
 from .pairs import build_pairs
 from .prompts import load_prompts
@@ -131,7 +131,11 @@ class Experiment:
             progress=self.cfg.progress,
         )
         flat_prompts, flat_responses = samples.flat()
-        scores = self.reward(flat_prompts, flat_responses)
+        scores = self.reward(flat_prompts, flat_responses, samples.flat_ids())
+        if None in scores:
+            raise RewardError(
+                f"reward {self.reward.name!r} gave no score (None) for a sample; the experiment needs one"
+            )
         records = samples.records(scores)
         for rec, pids, rids in zip(records, samples.prompt_ids, samples.response_ids):
             rec["prompt_ids"], rec["response_ids"] = pids, rids
@@ -195,6 +199,7 @@ class Experiment:
         from ..training.reference import build_reference, pair_reference_logps, save_pair_logps
 
         t = self.cfg.train
+        dtype = train_dtype(self.cfg)  # computed like the training runs: their weights, their autocast
 
         def fn(out: Path) -> dict:
             rows = load_rows(self.root / "pairs" / "pairs.jsonl")
@@ -203,16 +208,23 @@ class Experiment:
                 rows, self.tokenizer, max_length=t.max_length, max_prompt_length=t.max_prompt_length
             )
             started = time.time()
-            reference = build_reference(self.base, during_training=False)
+            model = (
+                self.base
+                if dtype == self.cfg.dtype
+                else load_model(self.model_path, dtype=dtype).to(self.device)
+            )
+            reference = build_reference(model, during_training=False)
             pad = self.tokenizer.pad_token_id
-            ref = pair_reference_logps(reference, examples, pad, self.cfg.eval.logp_batch_size)
+            with autocast(t.mixed_precision, self.device):
+                ref = pair_reference_logps(reference, examples, pad, self.cfg.eval.logp_batch_size)
             save_pair_logps(out / "ref_logps.safetensors", {"train": ref})
             return {"pairs": len(examples), "seconds": time.time() - started}
 
         inputs = {
             "pairs": self._fp("pairs"),
             "model": self.model_id,
-            "dtype": self.cfg.dtype,
+            "dtype": dtype,
+            "mixed_precision": t.mixed_precision,
             "max_length": t.max_length,
             "max_prompt_length": t.max_prompt_length,
         }
@@ -236,6 +248,8 @@ class Experiment:
                 def fn(out: Path, run=run, beta=beta) -> dict:
                     tcfg = self._train_cfg(run, beta, out / "run")
                     ref = self.root / "reference" / "ref_logps.safetensors" if needs_reference(tcfg) else None
+                    if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
+                        return json.loads((out / "run" / "result.json").read_text())
                     resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
                     self.log(f"== training {_run_name(run, beta)}" + (" (resuming)" if resume else ""))
                     train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
@@ -363,6 +377,13 @@ class Experiment:
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> list[dict]:
     """Run (or continue) the whole experiment; returns the result rows (also written to disk)."""
+    from ..training.signals import stop_signals
+
+    with stop_signals():  # SIGTERM stops like Ctrl-C; a training stage stops after its current step
+        return _run(cfg, log)
+
+
+def _run(cfg: ExperimentConfig, log) -> list[dict]:
     started = time.time()
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)

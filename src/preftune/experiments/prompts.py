@@ -1,34 +1,23 @@
 """Prompts for the controlled sentiment experiment: openings of movie reviews.
 
-The built-in sets (``experiments/data/movie_prompts_{train,heldout}.txt``) are openings
-written for this project (the IMDB data set the DPO and ODPO papers use cannot be
-downloaded here). Each opening is 4-14 words of neutral text that stops mid-sentence
-("I watched this film last Sunday with my brother, and"), so the model, not the prompt,
-decides the sentiment. Genre words (horror, comedy, war) do appear; the reward scores
-the response only, never the prompt. The train and held-out files are fixed and
-disjoint: 255 training openings and 85 held-out openings used only for evaluation.
+The built-in sets (``builtin:movie_reviews_train`` and ``builtin:movie_reviews_heldout``, package data of
+:mod:`preftune.data`, also usable as ``data.train`` of an online training run) are openings written for this
+project (the IMDB data set the DPO and ODPO papers use cannot be downloaded here). Each opening is 4-14 words
+of neutral text that stops mid-sentence ("I watched this film last Sunday with my brother, and"), so the
+model, not the prompt, decides the sentiment. Genre words (horror, comedy, war) do appear; the reward scores
+the response only, never the prompt. The train and held-out lists are fixed and disjoint: 255 training
+openings and 85 held-out openings used only for evaluation.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from ..data.load import read_text
+from ..data.load import BUILTIN, load_rows, prompt_lines, read_text
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
-
-
-def _parse(text: str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    prompts = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            prompts.append(line)
-    return prompts
 
 
 def load_prompts(path: str | Path | None = None, split: Split = "train") -> list[str]:
@@ -38,7 +27,7 @@ def load_prompts(path: str | Path | None = None, split: Split = "train") -> list
         path: a UTF-8 text file with one prompt per line (blank lines and lines starting
             with ``#`` are skipped; surrounding whitespace is stripped), or ``None`` for
             the built-in set of ``split``.
-        split: ``"train"`` or ``"heldout"``; selects the built-in file when ``path`` is
+        split: ``"train"`` or ``"heldout"``; selects the built-in list when ``path`` is
             ``None`` and is ignored for a user file (the file is the split).
 
     Raises:
@@ -48,16 +37,14 @@ def load_prompts(path: str | Path | None = None, split: Split = "train") -> list
     if split not in SPLITS:
         raise ValueError(f"unknown prompt split {split!r}; expected one of {SPLITS}")
     if path is None:
-        resource = (
-            resources.files("preftune.experiments").joinpath("data").joinpath(f"movie_prompts_{split}.txt")
-        )
-        text, name = resource.read_text(encoding="utf-8"), f"built-in movie_prompts_{split}.txt"
+        name = f"{BUILTIN}movie_reviews_{split}"
+        rows = load_rows(name)
     else:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        text, name = read_text(path), str(path)
-    prompts = _parse(text)
-    if not prompts:
+        name = str(path)
+        rows = prompt_lines(read_text(path), name)
+    if not rows:
         raise ValueError(f"prompt file {name} contains no prompts (only blank lines or '#' comments)")
-    return prompts
+    return [row["prompt"] for row in rows]

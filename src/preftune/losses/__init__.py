@@ -2,7 +2,9 @@
 
 Pair methods are registered in :data:`PAIR_METHODS` by their config ``method:`` name, each with the named
 inputs its loss takes (which also says whether it needs a reference model); the Bradley-Terry reward-model
-loss is separate (it takes scores, not log-probs); ``reduction`` turns unreduced losses into a step's loss.
+loss is separate (it takes scores, not log-probs); ``policy_gradient`` holds the online methods' pieces
+(group advantages, the clipped ratio, KL estimators); ``reduction`` turns unreduced per-example or per-token
+losses into a step's loss.
 See docs/methods.md for the index.
 """
 
@@ -21,12 +23,34 @@ from preftune.losses.pairwise import (
     rpo_loss,
     simpo_loss,
 )
-from preftune.losses.reduction import example_mean
+from preftune.losses.policy_gradient import (
+    BASELINES,
+    KL_ESTIMATORS,
+    SCALES,
+    clip_fractions,
+    clipped_policy_loss,
+    group_advantages,
+    grpo_token_loss,
+    kl_penalty,
+    zero_spread_fraction,
+)
+from preftune.losses.reduction import AGGREGATIONS, aggregate, example_mean
 from preftune.losses.reward_model import bradley_terry_loss
 
 PAIR_LOSSES = {name: method.loss for name, method in PAIR_METHODS.items()}
 
 __all__ = [
+    "AGGREGATIONS",
+    "BASELINES",
+    "KL_ESTIMATORS",
+    "SCALES",
+    "aggregate",
+    "clip_fractions",
+    "clipped_policy_loss",
+    "group_advantages",
+    "grpo_token_loss",
+    "kl_penalty",
+    "zero_spread_fraction",
     "ODPO_OFFSETS",
     "PAIR_LOSSES",
     "PAIR_METHODS",

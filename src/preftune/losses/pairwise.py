@@ -258,17 +258,17 @@ def pair_metrics(
     """Batch means of the standard pair metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``
     (accuracy: fraction with chosen reward strictly > rejected) and ``logps/{chosen,rejected}``.
     Keys whose inputs are None (rewards of a loss without them, logps for a reward model) are omitted."""
-    metrics = {"loss": out.losses.detach().float().mean().item()}
+    metrics = {"loss": out.losses.detach().double().mean().item()}
     if out.chosen_rewards is not None and out.rejected_rewards is not None:
-        r_w, r_l = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
+        r_w, r_l = out.chosen_rewards.detach().double(), out.rejected_rewards.detach().double()
         metrics["rewards/chosen"] = r_w.mean().item()
         metrics["rewards/rejected"] = r_l.mean().item()
         metrics["rewards/margins"] = (r_w - r_l).mean().item()
         metrics["rewards/accuracies"] = (r_w > r_l).float().mean().item()
     if policy_chosen_logps is not None:
-        metrics["logps/chosen"] = policy_chosen_logps.detach().float().mean().item()
+        metrics["logps/chosen"] = policy_chosen_logps.detach().double().mean().item()
     if policy_rejected_logps is not None:
-        metrics["logps/rejected"] = policy_rejected_logps.detach().float().mean().item()
+        metrics["logps/rejected"] = policy_rejected_logps.detach().double().mean().item()
     return metrics
 
 

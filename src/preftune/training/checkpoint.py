@@ -50,7 +50,17 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep: int, scaler=None
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    scaler=None,
+    extra=None,
 ) -> Path:
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(final) as tmp:  # a failed write leaves no partial folder and the older checkpoints intact
@@ -60,6 +70,8 @@ def save_checkpoint(
         if scaler is not None:  # fp16 loss scaling: the scale and its growth tracker
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         save_file(_rng_state(), tmp / "rng.safetensors")
+        if extra is not None:
+            extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,17 +1,14 @@
-"""What every training loop shares: the optimizer and schedule, one guarded optimizer step, the metrics log,
-checkpoint save/restore, and the signal handling that makes an interrupted run resumable.
+"""What every training loop shares: the optimizer and schedule, one guarded optimizer step (:class:`Stepper`),
+the metrics log, checkpoint save/restore, and what a loop does when it must stop (:func:`stop_checkpoint`).
 
 The offline loop (``loop.py``) and the online loop (``online.py``) are short, visible loops that call these;
-neither is a flag of the other.
+neither is a flag of the other. Signals: :mod:`preftune.training.signals`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,14 @@ import torch
 
 from ..config import ConfigError, TrainingConfig
 from .checkpoint import load_checkpoint_state, save_checkpoint
+
+MAX_SCALER_SKIPS = 50  # consecutive fp16 loss-scaler skips before the run stops: the gradients stay inf
+
+
+def check_mixed_precision(t: TrainingConfig) -> None:
+    """fp16 autocast and loss scaling need a CUDA GPU (on CPU accelerate would silently not autocast)."""
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 (CPU or GPU), or no")
 
 
 def make_accelerator(t: TrainingConfig, run_dir: Path):
@@ -34,13 +39,13 @@ def make_accelerator(t: TrainingConfig, run_dir: Path):
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != t.mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    check_mixed_precision(t)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, log_with=t.report_to or None, project_dir=str(run_dir)
     )
     if t.mixed_precision != "no" and not accelerator.native_amp:
         raise ConfigError(
-            f"training.mixed_precision: {t.mixed_precision} is not available on {accelerator.device} "
-            "(fp16 needs a CUDA GPU); use bf16, or no"
+            f"training.mixed_precision: {t.mixed_precision} is not available on {accelerator.device}; use no"
         )
     return accelerator
 
@@ -61,53 +66,6 @@ def build_optimizer(t: TrainingConfig, params: list[torch.nn.Parameter], n_steps
     return optimizer, scheduler
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers and ``kill`` send), raised like Ctrl-C: checkpoint, then exit non-zero."""
-
-
-_HELD = (signal.SIGINT, signal.SIGTERM)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While active, SIGTERM raises :class:`Terminated`, which every loop handles like Ctrl-C."""
-    if not _in_main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def hold_interrupt():
-    """Hold Ctrl-C and SIGTERM until the block ends, so an optimizer step is applied whole or not at all."""
-    if not _in_main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in _HELD}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if signal.SIGTERM in pending:
-        raise Terminated
-    if pending:
-        raise KeyboardInterrupt
-
-
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient norm is NaN or infinite."""
 
@@ -116,48 +74,129 @@ class NonFiniteError(RuntimeError):
 class StepOutcome:
     grad_norm: float  # before clipping
     lr: float  # the learning rate the step used
-    skipped: bool = False  # no update was applied (non-finite, skipped by policy or by the fp16 loss scaler)
+    skipped: bool = False  # no update: a non-finite step skipped by training.skip_nonfinite
+    scaler_skipped: bool = False  # no update: the fp16 loss scaler found inf/NaN gradients (calibrating)
 
 
-def optimizer_step(
-    accelerator,
-    optimizer,
-    scheduler,
-    params,
-    max_grad_norm: float | None,
-    *,
-    finite_loss: bool = True,
-    skip_nonfinite: bool = False,
-) -> StepOutcome:
-    """Clip, step and advance the schedule as one uninterruptible unit; zero the gradients.
+class Stepper:
+    """One guarded optimizer step: clip, check, step, advance the schedule, zero the gradients; and the
+    counters a checkpoint keeps.
 
     ``finite_loss``: whether every loss of the step, on every process, was finite. A non-finite loss or
-    gradient norm raises :class:`NonFiniteError` before anything is applied, or, with ``skip_nonfinite``,
-    drops the step's gradients and returns ``skipped``. Under fp16 loss scaling the gradients are unscaled
-    first, and inf/NaN gradients with a finite loss are the scaler's business: it skips the step and lowers
-    the scale, as it should while it calibrates. A skipped step does not advance the schedule.
+    gradient norm raises :class:`NonFiniteError` before anything is applied, or, with
+    ``training.skip_nonfinite``, drops the step's gradients (``skipped``). Under fp16 loss scaling, inf/NaN
+    gradients with a finite loss are the scaler's business: it skips the step and lowers the scale, as it
+    should while it calibrates (``scaler_skipped``; after :data:`MAX_SCALER_SKIPS` in a row the run stops).
+    A step without an update does not advance the schedule. The loop defers signals (see ``signals.py``),
+    so a step is never torn.
     """
-    if max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))  # unscales under fp16
-    else:
-        accelerator.unscale_gradients()
-        grads = [p.grad.norm() for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-    lr = scheduler.get_last_lr()[0]
-    scaler_decides = accelerator.scaler is not None and finite_loss
-    if not (finite_loss and math.isfinite(grad_norm)) and not scaler_decides:
-        optimizer.zero_grad(set_to_none=True)
-        if skip_nonfinite:
-            return StepOutcome(grad_norm, lr, skipped=True)
-        what = "loss" if not finite_loss else "gradient norm"
-        raise NonFiniteError(f"non-finite {what} (grad_norm={grad_norm})")
-    with hold_interrupt():
-        optimizer.step()
-        skipped = accelerator.optimizer_step_was_skipped
-        if not skipped:
-            scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(grad_norm, lr, skipped=skipped)
+
+    def __init__(self, accelerator, optimizer, scheduler, params, t: TrainingConfig):
+        self.accelerator, self.optimizer, self.scheduler, self.params, self.t = (
+            accelerator, optimizer, scheduler, params, t,
+        )  # fmt: skip
+        self.nonfinite_skipped = 0
+        self.scaler_skipped = 0
+        self._scaler_streak = 0
+
+    def step(self, finite_loss: bool = True) -> StepOutcome:
+        acc, t = self.accelerator, self.t
+        if t.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(self.params, t.max_grad_norm))  # unscales under fp16
+        else:
+            acc.unscale_gradients()
+            grads = [p.grad.norm() for p in self.params if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        lr = self.scheduler.get_last_lr()[0]
+        scaler_decides = acc.scaler is not None and finite_loss
+        if not (finite_loss and math.isfinite(grad_norm)) and not scaler_decides:
+            self.optimizer.zero_grad(set_to_none=True)
+            if t.skip_nonfinite:
+                if acc.scaler is not None:
+                    acc.scaler.update()  # the gradients were unscaled: close the scaler's step
+                self.nonfinite_skipped += 1
+                return StepOutcome(grad_norm, lr, skipped=True)
+            what = "loss" if not finite_loss else "gradient norm"
+            raise NonFiniteError(f"non-finite {what} (grad_norm={grad_norm})")
+        self.optimizer.step()
+        scaler_skipped = bool(acc.optimizer_step_was_skipped)
+        if not scaler_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler_skipped += scaler_skipped
+        self._scaler_streak = self._scaler_streak + 1 if scaler_skipped else 0
+        if self._scaler_streak >= MAX_SCALER_SKIPS:
+            raise NonFiniteError(
+                f"the fp16 loss scaler skipped {MAX_SCALER_SKIPS} steps in a row: the gradients stay inf/NaN "
+                "at every scale; use bf16, lower the learning rate, or look at the data"
+            )
+        return StepOutcome(grad_norm, lr, scaler_skipped=scaler_skipped)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps besides the optimizer and schedule."""
+        return {
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "loss_scale_skipped": self.scaler_skipped,
+            "processes": self.accelerator.num_processes,
+        }
+
+    def metrics(self) -> dict:
+        return {"nonfinite_skipped": self.nonfinite_skipped, "loss_scale_skipped": self.scaler_skipped}
+
+    def restore(self, resume_from: Path) -> int:
+        """Optimizer, scheduler, loss scaler, RNG and counters from a checkpoint; returns its step."""
+        state = restore_state(resume_from, self.accelerator, self.optimizer, self.scheduler)
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.scaler_skipped = state.get("loss_scale_skipped", 0)
+        return state["step"]
+
+
+def stop_checkpoint(
+    exc: BaseException, *, consistent: bool, synchronized: bool, accelerator, save, log
+) -> None:
+    """What a loop does when it stops early: checkpoint the last completed step when that is safe, and say so.
+
+    ``consistent``: no optimizer step is half applied. ``synchronized``: every process stops at this same
+    point (a stop agreed through :meth:`StopSignals.requested`, or a non-finite step, which every process sees),
+    so the collective save cannot wait forever on a process that went on. ``save()`` writes the checkpoint.
+    """
+    kind = type(exc).__name__
+    if consistent and (synchronized or accelerator.num_processes == 1):
+        path = save()
+        if accelerator.is_main_process and path is not None:
+            log(f"\nstopped ({kind}): saved {path}; continue with --resume")
+    elif accelerator.is_main_process:
+        log(
+            f"\nstopped at once ({kind}): no checkpoint written now; --resume continues from the last periodic one"
+        )
+
+
+def trim_jsonl(path: Path, keep_until_step: int) -> None:
+    """Resume: drop the rows of ``path`` logged after the checkpoint's step. A torn last line (the process was
+    killed while appending) is dropped; a bad line elsewhere is an error naming the file and line."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break  # torn by a kill while writing
+            raise ValueError(
+                f"{path} line {number}: not valid JSON ({err.msg}); fix or delete the line"
+            ) from None
+        if row.get("step", 0) <= keep_until_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def finite_or_none(row: dict) -> dict:
+    """Non-finite floats become None (JSON has no Infinity or NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
 class MetricsLog:
@@ -166,15 +205,13 @@ class MetricsLog:
     def __init__(self, path: Path, accelerator, *, keep_until_step: int | None = None):
         self.path = path
         self.accelerator = accelerator
-        if keep_until_step is not None and path.exists() and accelerator.is_main_process:
-            # resume: drop rows past the checkpoint
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= keep_until_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if keep_until_step is not None and accelerator.is_main_process:
+            trim_jsonl(path, keep_until_step)
 
     def write(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
+        row = finite_or_none(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         numeric = {
@@ -195,27 +232,51 @@ def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float
 
 
 def save_state(
-    run_dir, step, accelerator, model, tokenizer, optimizer, scheduler, keep, state=None
+    run_dir, step, accelerator, model, tokenizer, optimizer, scheduler, keep, state=None, extra=None
 ) -> Path | None:
-    """Checkpoint at ``step`` (every process waits; the main process writes)."""
+    """Checkpoint at ``step`` (every process waits; the main process writes). ``extra(folder)`` writes
+    what else a loop needs to resume (an online loop's current samples) into the checkpoint folder. A
+    failed write says so and that the previous checkpoint is intact."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    return save_checkpoint(
-        run_dir,
-        step,
-        model=accelerator.unwrap_model(model),
-        tokenizer=tokenizer,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=accelerator.scaler,
-        state=state or {},
-        keep=keep,
-    )
+    try:
+        return save_checkpoint(
+            run_dir,
+            step,
+            model=accelerator.unwrap_model(model),
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=accelerator.scaler,
+            state=state or {},
+            keep=keep,
+            extra=extra,
+        )
+    except (OSError, RuntimeError) as err:
+        from .checkpoint import latest_checkpoint
+
+        previous = latest_checkpoint(Path(run_dir))
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise OSError(
+            f"writing the checkpoint of step {step} in {run_dir}/checkpoints failed ({err}); {kept}. "
+            "Free space or fix permissions, then continue with --resume"
+        ) from err
 
 
 def restore_state(resume_from: Path, accelerator, optimizer, scheduler) -> dict:
-    """Optimizer, scheduler, loss scaler and RNG from a checkpoint; returns its trainer state (``step``...)."""
+    """Optimizer, scheduler, loss scaler and RNG from a checkpoint; returns its trainer state (``step``...).
+    A run saved with another number of processes is refused: its batches and schedule would change."""
+    from .rundir import RunDirError
+
+    state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+    saved = state.get("processes", accelerator.num_processes)
+    if saved != accelerator.num_processes:
+        raise RunDirError(
+            f"--resume: {resume_from} was written by a run with {saved} process(es), and this one has "
+            f"{accelerator.num_processes}; the batches, step count and learning-rate schedule would change. "
+            f"Resume with {saved} process(es)"
+        )
     return load_checkpoint_state(
         resume_from, optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler
     )

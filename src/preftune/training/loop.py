@@ -29,32 +29,40 @@ from ..losses import example_mean
 from .engine import (
     MetricsLog,
     NonFiniteError,
+    Stepper,
     build_optimizer,
-    optimizer_step,
-    restore_state,
     save_state,
+    stop_checkpoint,
     sum_over_processes,
 )
+from .signals import StopSignals
 
 Compute = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
 class StepPlan:
+    """Which examples each optimizer step visits, on each process.
+
+    Epoch e visits ``randperm(n, seed + e)`` in global micro-batches of ``batch_size * world_size``; rank r
+    takes every world-th example of each. The last micro-batch of an epoch may be short: a rank whose share
+    is empty runs a zero-weight stand-in, so every rank takes the same steps and no example is dropped
+    (``drop_last``, for online prompts: an incomplete last batch waits for the next epoch instead).
+    """
+
     n: int
     batch_size: int
     grad_accum: int
     seed: int
     world_size: int = 1
     rank: int = 0
+    drop_last: bool = False
     _cache: dict = field(default_factory=dict)
 
     @property
     def micro_per_epoch(self) -> int:
-        # with several processes, a last micro-batch too small to give every rank a pair is dropped,
-        # so that all ranks take the same steps
         size = self.batch_size * self.world_size
-        return self.n // size + (1 if self.n % size >= self.world_size else 0)
+        return self.n // size if self.drop_last else math.ceil(self.n / size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -70,7 +78,8 @@ class StepPlan:
         return self._cache[epoch]
 
     def step(self, step: int) -> tuple[int, list[list[int]]]:
-        """(epoch, this rank's micro-batches of example indices) for optimizer step ``step`` (0-based)."""
+        """(epoch, this rank's micro-batches of example indices) for optimizer step ``step`` (0-based); a
+        micro-batch can be empty on some ranks at the end of an epoch."""
         epoch, within = divmod(step, self.steps_per_epoch)
         micro = self._epoch(epoch)
         return epoch, micro[within * self.grad_accum : (within + 1) * self.grad_accum]
@@ -117,6 +126,7 @@ def fit(
     make_batch: Callable[[list[int]], dict],
     compute: Compute,
     run_dir: Path,
+    signals: StopSignals,
     resume_from: Path | None = None,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     on_step_end: Callable[[int, dict], None] | None = None,
@@ -127,20 +137,20 @@ def fit(
 
     ``describe(indices)`` names examples (file and line) in errors: a non-finite loss or gradient norm stops
     the run naming the step and its records, after checkpointing the last completed step (or, with
-    ``training.skip_nonfinite``, skips the step and counts it in ``nonfinite_skipped``).
+    ``training.skip_nonfinite``, skips the step and counts it in ``nonfinite_skipped``). A signal stops the
+    run after the current step, with a checkpoint of it (``signals.py``).
     """
     t = cfg.training
-    plan = StepPlan(
-        n_train, t.batch_size, t.grad_accum, t.seed, accelerator.num_processes, accelerator.process_index
-    )
+    world = accelerator.num_processes
+    plan = StepPlan(n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index)
     n_steps = total_steps(cfg, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(t, params, n_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step, skipped_total = 0, 0
+    stepper = Stepper(accelerator, optimizer, scheduler, params, t)
+    start_step = 0
     if resume_from is not None:
-        state = restore_state(resume_from, accelerator, optimizer, scheduler)
-        start_step, skipped_total = state["step"], state.get("nonfinite_skipped", 0)
+        start_step = stepper.restore(resume_from)
         log(f"resumed from {resume_from} at step {start_step}/{n_steps}")
     metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl", accelerator, keep_until_step=start_step)
     bar = tqdm(
@@ -151,79 +161,111 @@ def fit(
     )
 
     def save(step: int) -> Path | None:
-        state = {"nonfinite_skipped": skipped_total}
         return save_state(
-            run_dir, step, accelerator, model, tokenizer, optimizer, scheduler, t.keep_checkpoints, state
+            run_dir,
+            step,
+            accelerator,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            t.keep_checkpoints,
+            stepper.state(),
         )
 
     model.train()
     last: dict = {}
-    completed = start_step  # optimizer steps whose update is applied
-    try:
-        for step in range(start_step, n_steps):
-            began = time.perf_counter()
-            epoch, micro = plan.step(step)
-            n_step = plan.step_examples(step)  # over all ranks
-            n_local = sum(len(m) for m in micro)
-            acc: dict[str, float] = {}
-            tokens, bad = 0, []
-            for i, indices in enumerate(micro):
-                batch = make_batch(indices)
-                tokens += int(batch["attention_mask"].sum())
-                sync = i == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    losses, metrics = compute(model, batch)  # losses: (B,)
-                    # DDP averages gradients over ranks, so each rank's share is scaled by world size
-                    accelerator.backward(example_mean(losses, n_step) * accelerator.num_processes)
-                bad += [idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok]
-                for k, v in metrics.items():
-                    acc[k] = acc.get(k, 0.0) + v * len(indices)
-            any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
-            try:
-                outcome = optimizer_step(
-                    accelerator, optimizer, scheduler, params, t.max_grad_norm,
-                    finite_loss=not any_bad, skip_nonfinite=t.skip_nonfinite,
-                )  # fmt: skip
-            except NonFiniteError as exc:
-                records = bad or [i for m in micro for i in m]
-                names = describe(records) if describe is not None else [f"example {i}" for i in records]
-                shown = "; ".join(names[:10]) + (f"; ... ({len(names)} in all)" if len(names) > 10 else "")
-                which = "with a non-finite loss" if bad else "in the step"
-                raise NonFiniteError(
-                    f"step {step + 1}: {exc}; records {which}: {shown}. Fix or drop them, lower the learning "
-                    "rate, or set training.skip_nonfinite: true to skip such steps"
-                ) from None
-            completed = step + 1
-            skipped_total += outcome.skipped
-            elapsed = time.perf_counter() - began
-            acc = sum_over_processes(accelerator, {**acc, "_examples": n_local, "_tokens": tokens})
-            n_examples, tokens = int(acc.pop("_examples")), int(acc.pop("_tokens"))
-            row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
-            row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
-            row.update(examples=n_examples, nonfinite_skipped=skipped_total)
-            last = row
-            if (step + 1) % t.log_every == 0 or step + 1 == n_steps:
-                metrics_log.write(row)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}"
-            )
-            if eval_fn is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < n_steps:
-                metrics_log.write({"step": step + 1, "split": "eval", **eval_fn(model)})
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < n_steps:
-                save(step + 1)
-            if on_step_end is not None:
-                on_step_end(step + 1, row)
-    except (KeyboardInterrupt, NonFiniteError) as exc:
-        bar.close()
-        if completed > start_step:
-            path = save(completed)
-            why = "stopped" if isinstance(exc, NonFiniteError) else "interrupted"
-            log(f"\n{why}: saved {path} (the state after step {completed}); continue with --resume")
-        raise
+    completed, consistent = start_step, True  # steps applied; no optimizer step half applied
+    stop: KeyboardInterrupt | None = None
+    with signals.deferred():
+        try:
+            for step in range(start_step, n_steps):
+                began = time.perf_counter()
+                epoch, micro = plan.step(step)
+                n_step = plan.step_examples(step)  # over all ranks
+                n_local = sum(len(m) for m in micro)
+                acc: dict[str, float] = {}
+                tokens, bad = 0, []
+                for i, indices in enumerate(micro):
+                    weight = (
+                        1.0 if indices else 0.0
+                    )  # an empty share at the end of an epoch: a zero-weight stand-in
+                    batch = make_batch(indices or [0])
+                    tokens += int(batch["attention_mask"].sum() * weight)
+                    sync = i == len(micro) - 1
+                    with (
+                        contextlib.nullcontext() if sync else accelerator.no_sync(model),
+                        accelerator.autocast(),
+                    ):
+                        losses, metrics = compute(model, batch)  # losses: (B,)
+                        # DDP averages gradients over ranks, so each rank's share is scaled by world size
+                        accelerator.backward(example_mean(losses, n_step) * world * weight)
+                    bad += [
+                        idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok
+                    ]
+                    for k, v in metrics.items():
+                        acc[k] = acc.get(k, 0.0) + v * len(indices)
+                any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
+                consistent = False
+                try:
+                    outcome = stepper.step(finite_loss=not any_bad)
+                except NonFiniteError as exc:
+                    consistent = True  # nothing was applied
+                    records = bad or [i for m in micro for i in m]
+                    names = describe(records) if describe is not None else [f"example {i}" for i in records]
+                    shown = "; ".join(names[:10]) + (
+                        f"; ... ({len(names)} in all)" if len(names) > 10 else ""
+                    )
+                    which = "with a non-finite loss" if bad else "in the step"
+                    raise NonFiniteError(
+                        f"step {step + 1}: {exc}; records {which}: {shown}. Fix or drop them, lower the learning "
+                        "rate, or set training.skip_nonfinite: true to skip such steps"
+                    ) from None
+                completed, consistent = step + 1, True
+                elapsed = time.perf_counter() - began
+                acc = sum_over_processes(accelerator, {**acc, "_examples": n_local, "_tokens": tokens})
+                n_examples, tokens = int(acc.pop("_examples")), int(acc.pop("_tokens"))
+                row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
+                row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
+                row.update(examples=n_examples, **stepper.metrics())
+                last = row
+                if (step + 1) % t.log_every == 0 or step + 1 == n_steps:
+                    metrics_log.write(row)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}"
+                )
+                if (
+                    eval_fn is not None
+                    and t.eval_every
+                    and (step + 1) % t.eval_every == 0
+                    and step + 1 < n_steps
+                ):
+                    metrics_log.write({"step": step + 1, "split": "eval", **eval_fn(model)})
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < n_steps:
+                    save(step + 1)
+                if on_step_end is not None:
+                    on_step_end(step + 1, row)
+                stop = signals.requested(accelerator)
+                if stop is not None:
+                    raise stop
+        except (KeyboardInterrupt, NonFiniteError) as exc:
+            bar.close()
+            if completed > start_step:
+                synchronized = exc is stop or isinstance(exc, NonFiniteError)
+                stop_checkpoint(
+                    exc,
+                    consistent=consistent,
+                    synchronized=synchronized,
+                    accelerator=accelerator,
+                    save=lambda: save(completed),
+                    log=log,
+                )
+            raise
     bar.close()
     if eval_fn is not None:
-        metrics_log.write({"step": n_steps, "split": "eval", **eval_fn(model)})
+        with signals.deferred():  # held until the model is saved (the caller's final phase)
+            metrics_log.write({"step": n_steps, "split": "eval", **eval_fn(model)})
     return last
 
 

@@ -1,5 +1,7 @@
-"""Offline data preparation: everything about pair data that can fail on bad input — every record, the
-tokenisation, ODPO's score domain — checked before any training starts (``preftune validate`` runs it alone).
+"""Data preparation: everything that can fail on bad input, checked before any training starts
+(``preftune validate`` runs it alone). Pair data: every record, the tokenisation, ODPO's score domain.
+Prompt data (online methods): every prompt, the tokenisation, and the reward functions (a missing module,
+function or reward-model folder is an error here, not after the first samples).
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ONLINE_METHODS, ConfigError, TrainConfig
 from ..data import DataError, PairExample, TokenizeStats, load_rows, split_rows, tokenize_rows, validate_rows
+from ..data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
 from ..losses import OffsetDomainError, odpo_offset
 from ..models import load_tokenizer, resolve_model_path
+from ..rewards import RewardFunction, load_reward
 from .loop import StepPlan, total_steps
 
 
@@ -42,12 +46,67 @@ class Prepared:
         }
 
 
-def _load_split_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
+@dataclass
+class PreparedPrompts:
+    """Checked prompt data, tokenizer and reward functions of an online run."""
+
+    cfg: TrainConfig
+    model_path: str
+    tokenizer: object
+    examples: dict[str, list[PromptExample]]
+    stats: dict[str, PromptStats]
+    rewards: list[RewardFunction]
+
+    def plan(self, num_processes: int = 1, rank: int = 0) -> StepPlan:
+        """Sampling batches over the prompts: each process takes prompts_per_step / num_processes per batch."""
+        g = self.cfg.grpo
+        if g.prompts_per_step % num_processes:
+            raise ConfigError(
+                f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of processes "
+                f"({num_processes}): each process samples whole groups"
+            )
+        per_rank = g.prompts_per_step // num_processes
+        return StepPlan(len(self.examples["train"]), per_rank, 1, self.cfg.training.seed, num_processes, rank)
+
+    def total_steps(self, num_processes: int = 1) -> int:
+        """Optimizer steps: training.max_steps, or epochs over the prompts × grpo.iterations."""
+        t = self.cfg.training
+        return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * self.cfg.grpo.iterations
+
+    def summary(self, num_processes: int = 1) -> dict:
+        g = self.cfg.grpo
+        return {
+            "method": self.cfg.method,
+            "model": self.model_path,
+            "lora": self.cfg.model.lora.enabled,
+            "train_prompts": len(self.examples["train"]),
+            "eval_prompts": len(self.examples.get("eval", [])),
+            "tokenize": {k: vars(v) for k, v in self.stats.items()},
+            "rewards": [{"name": f.name, "weight": f.weight} for f in self.rewards],
+            "processes": num_processes,
+            "optimizer_steps": self.total_steps(num_processes),
+            "sample_batches_per_epoch": self.plan(num_processes).steps_per_epoch,
+            "completions_per_step": g.prompts_per_step * g.group_size,
+            "reference": "none (beta = 0)"
+            if g.beta == 0
+            else "adapters disabled"
+            if self.cfg.model.lora.enabled
+            else "frozen copy",
+        }
+
+
+def _load_split_rows(cfg: TrainConfig, log=print, keep_all: bool = False) -> dict[str, list[dict]]:
     d = cfg.data
     columns = {k: v for k, v in vars(d.columns).items()}
-    train = load_rows(d.train, columns=columns, split=d.split)
+    train = load_rows(d.train, columns=columns, split=d.split, keep_all=keep_all)
     if d.eval:
-        return {"train": train, "eval": load_rows(d.eval, columns=columns, split=d.eval_split)}
+        held = load_rows(d.eval, columns=columns, split=d.eval_split, keep_all=keep_all)
+        if [r["_source"] for r in held] == [r["_source"] for r in train]:
+            log(
+                f"warning: data.eval reads the same records as data.train ({d.eval}): the eval metrics measure "
+                "the training data. Name another file, another split (data.eval_split) or use data.eval_fraction"
+            )
+        return {"train": train, "eval": held}
     if d.eval_fraction > 0:
         train, held = split_rows(train, eval_fraction=d.eval_fraction, seed=cfg.training.seed)
         return {"train": train, "eval": held}
@@ -100,9 +159,39 @@ def _check_vocabulary(examples: list[PairExample], size: int, split: str) -> Non
         )
 
 
-def prepare(cfg: TrainConfig, log=print) -> Prepared:
+def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
+    """Prompt data, its tokenisation and the reward functions of an online method, all checked."""
+    rows = _load_split_rows(cfg, log, keep_all=True)
+    for split, split_rows_ in rows.items():
+        if not split_rows_:
+            raise DataError(
+                f"{split} prompts ({cfg.data.train if split == 'train' else cfg.data.eval}) are empty"
+            )
+        validate_prompt_rows(split_rows_)
+    rewards = [load_reward(spec) for spec in cfg.grpo.rewards]
+    seen: dict[str, int] = {}
+    for f in rewards:  # unique names: they key the per-function metrics
+        seen[f.name] = seen.get(f.name, 0) + 1
+        if seen[f.name] > 1:
+            f.name = f"{f.name}#{seen[f.name]}"
+    model_path = resolve_model_path(cfg.model.name_or_path, log)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    max_prompt = cfg.data.max_prompt_length
+    examples, stats = {}, {}
+    for split, split_rows_ in rows.items():
+        examples[split], stats[split] = tokenize_prompts(split_rows_, tokenizer, max_prompt_length=max_prompt)
+        if stats[split].truncated:
+            log(
+                f"{split} prompts: {stats[split].truncated} of {stats[split].total} kept their last {max_prompt} tokens"
+            )
+    return PreparedPrompts(cfg, model_path, tokenizer, examples, stats, rewards)
+
+
+def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
     """Load and check all data and the tokenizer; raise before training on anything bad."""
-    rows = _load_split_rows(cfg)
+    if cfg.method in ONLINE_METHODS:
+        return prepare_prompts(cfg, log)
+    rows = _load_split_rows(cfg, log)
     for split, split_rows_ in rows.items():
         if not split_rows_:
             raise DataError(

@@ -35,6 +35,8 @@ def needs_reference(cfg: TrainConfig) -> bool:
     """Whether the method of ``cfg`` uses π_ref at all (the one place this is decided)."""
     if cfg.method in PAIR_METHODS:
         return not PAIR_METHODS[cfg.method].reference_free
+    if cfg.method == "grpo":
+        return cfg.grpo.beta > 0  # the KL term; at β = 0 no reference is loaded or run
     return False  # reward_model
 
 
@@ -78,24 +80,19 @@ class Reference:
             return sequence_logps(model, input_ids, attention_mask, response_mask)[0]
 
 
-def build_reference(
-    policy,
-    *,
-    during_training: bool,
-    load_copy: Callable[[], torch.nn.Module] | None = None,
-    storage_dtype: torch.dtype | None = None,
-):
+def build_reference(policy, *, during_training: bool, load_copy: Callable[[], torch.nn.Module] | None = None):
     """The reference for ``policy``: adapters off under LoRA; else the policy itself when π_ref is only
     needed before training (``during_training=False``); else a frozen copy — of the policy as it is now,
     or, when ``load_copy`` is given (resuming: the policy is no longer the starting model), of its result.
-    ``storage_dtype``: store the frozen copy in half precision (under mixed precision it computes in half
-    precision anyway)."""
+    A copy keeps the policy's fp32 weights, so π_ref and π_θ agree exactly before the first step under mixed
+    precision too (a bf16 copy would differ by tenths of a nat per sequence: embeddings, norms and the head
+    would round differently)."""
     if is_peft(policy):
         return Reference(policy, "adapters_off")
     if not during_training:
         return Reference(policy, "initial")
     frozen = load_copy() if load_copy is not None else copy.deepcopy(unwrap_model(policy))
-    frozen = frozen.to(device=next(policy.parameters()).device, dtype=storage_dtype)
+    frozen = frozen.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
     return Reference(policy, "copy", frozen.eval().requires_grad_(False))
 
 

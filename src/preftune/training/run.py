@@ -18,10 +18,11 @@ from ..config import TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
 from ..losses import PAIR_METHODS
 from ..models import add_lora, load_model, save_model
-from .engine import make_accelerator, sigterm_as_interrupt
+from .engine import check_mixed_precision, finite_or_none, make_accelerator
 from .loop import evaluate, fit
+from .online import train_grpo
 from .pairs import PairFamily
-from .prepare import Prepared, prepare
+from .prepare import Prepared, PreparedPrompts, prepare
 from .reference import (
     build_reference,
     load_pair_logps,
@@ -31,8 +32,7 @@ from .reference import (
 )
 from .reward_model import RewardModelFamily
 from .rundir import RunDirError, check_run_dir, create_run_dir
-
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed precision -> storage of a frozen copy
+from .signals import StopSignals, stop_signals
 
 __all__ = ["Prepared", "RunDirError", "TRAINERS", "prepare", "train", "validate"]
 
@@ -43,12 +43,13 @@ class Session:
     directory, the model on its device, and where to resume from."""
 
     cfg: TrainConfig
-    prep: Prepared
+    prep: Prepared | PreparedPrompts
     accelerator: object
     run_dir: Path
     model: object
     resume_from: Path | None
     log: Callable
+    signals: StopSignals
     on_step_end: Callable[[int, dict], None] | None = None
     ref_logps_file: Path | None = None
 
@@ -78,6 +79,7 @@ def _fit_offline(s: Session, family) -> dict:
         resume_from=s.resume_from,
         eval_fn=eval_fn,
         on_step_end=s.on_step_end,
+        signals=s.signals,
         describe=lambda idx: [train_examples[i].source for i in idx],
         log=s.log,
     )
@@ -100,6 +102,7 @@ def train_reward_model(s: Session) -> dict:
 TRAINERS: dict[str, Callable[[Session], dict]] = {
     **dict.fromkeys(PAIR_METHODS, train_pairs),
     "reward_model": train_reward_model,
+    "grpo": train_grpo,
 }
 
 
@@ -149,13 +152,14 @@ def train(
     run's except for the keys named in ``allow_changes`` (``"training.max_steps"``, ...).
     ``ref_logps_file``: reference log-probs already computed for exactly this data and starting model
     (the experiment shares one across its runs); it is copied into the run directory and used as is.
-    SIGTERM is handled like Ctrl-C: a checkpoint of the last completed step, then :class:`Terminated`.
+    Ctrl-C and SIGTERM stop the run after the current step with a checkpoint of it (``signals.py``); one
+    during the final evaluation and save is held until the model is written, then raised.
     """
     from accelerate.utils import set_seed
 
     cfg = load_config(config)
     trainer = TRAINERS[cfg.method]
-    with sigterm_as_interrupt():
+    with stop_signals() as signals:
         prep = prepare(cfg, log)
         run_dir = Path(cfg.training.output_dir)
         accelerator = make_accelerator(cfg.training, run_dir)
@@ -177,20 +181,27 @@ def train(
             accelerator.init_trackers(run_dir.name, config=json.loads(json.dumps(cfg.to_dict(), default=str)))
         model = _build_model(cfg, prep, resume_from).to(accelerator.device)
         session = Session(
-            cfg, prep, accelerator, run_dir, model, resume_from, log, on_step_end, ref_logps_file
+            cfg, prep, accelerator, run_dir, model, resume_from, log, signals, on_step_end, ref_logps_file
         )
         started = time.time()
         last = trainer(session)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = accelerator.unwrap_model(model)
-            save_model(final, prep.tokenizer, run_dir / "model")
-            if cfg.model.lora.enabled and cfg.model.lora.merge:
-                save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
-            result = {"final_train_metrics": last, "train_seconds": time.time() - started, **summary}
-            write_json_atomic(run_dir / "result.json", result)
-            log(f"saved {run_dir / 'model'}")
-        accelerator.end_training()
+        with signals.deferred():  # the final save completes whatever arrives meanwhile
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                final = accelerator.unwrap_model(model)
+                save_model(final, prep.tokenizer, run_dir / "model")
+                if cfg.model.lora.enabled and cfg.model.lora.merge:
+                    save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
+                result = {"final_train_metrics": last, "train_seconds": time.time() - started, **summary}
+                write_json_atomic(run_dir / "result.json", finite_or_none(result))
+                log(f"saved {run_dir / 'model'}")
+            stop = signals.requested(accelerator)  # a collective: before the process group ends
+            accelerator.end_training()
+        if stop is not None:
+            log(
+                f"stopped ({type(stop).__name__}) after the run finished: the model is saved in {run_dir / 'model'}"
+            )
+            raise stop
     return run_dir
 
 
@@ -207,7 +218,6 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
             s.model,
             during_training=True,
             load_copy=load_copy if s.resume_from is not None else None,
-            storage_dtype=HALF.get(cfg.training.mixed_precision),
         )
         return
     cache = s.run_dir / "ref_logps.safetensors"
@@ -241,13 +251,14 @@ def validate(
     """Everything ``train`` checks, without training: returns the summary that would be trained with
     ``num_processes`` processes."""
     cfg = load_config(config)
+    check_mixed_precision(cfg.training)
     prep = prepare(cfg, log)
     summary = prep.summary(num_processes)
     if load_weights:
         model = _build_model(cfg, prep, None)
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        summary["reference"] = (
+        summary["reference"] = summary.get("reference") or (
             "none"
             if not needs_reference(cfg)
             else "adapters disabled"

@@ -25,6 +25,11 @@ def check_run_dir(
     """Read-only checks of the run directory (every process runs them, so all fail alike); returns the
     checkpoint to resume from, or None."""
     if resume:
+        if (run_dir / "result.json").is_file() and (run_dir / "model").is_dir():
+            raise RunDirError(
+                f"--resume: the run in {run_dir} is complete (model/ and result.json are there); nothing to "
+                "resume. To train further, start a new run from its model (model.name_or_path)"
+            )
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunDirError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")

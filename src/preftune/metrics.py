@@ -1,4 +1,4 @@
-"""Evaluation metrics of the controlled experiment (pure numpy; tensors are accepted).
+"""Evaluation metrics (pure numpy; tensors are accepted), shared by the experiment and online training.
 
 - :func:`mean_and_se`: mean reward with its standard error.
 - :func:`sequence_kl`: the sequence-level KL(π_θ‖π_ref) estimate of the DPO paper §6.1.

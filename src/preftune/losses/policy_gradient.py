@@ -1,0 +1,170 @@
+"""Policy-gradient pieces of the online methods (GRPO and its variants): small pure functions, each with its
+equation. Per-token tensors are (N, L): N completions, L positions, with a bool mask m (N, L) that is True at
+completion tokens; log-probs are of the sampled tokens.
+
+GRPO (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300, §4.1, Eq. 3): for each prompt draw G completions
+from π_old, score them, Â_i from the group's rewards (the same for every token of o_i), and maximise
+
+    min(ρ_t·Â_i, clip(ρ_t, 1−ε_low, 1+ε_high)·Â_i) − β·KL_t,     ρ_t = π_θ(o_t) / π_old(o_t).
+
+Where preftune's options depart from the paper, and the defaults:
+
+- ``scale`` of the advantages: the paper divides by the group's std (``group``, default). Dr. GRPO
+  (Liu et al. 2025, arXiv 2503.20783) drops it (``none``): dividing up-weights groups whose rewards barely
+  differ. ``batch`` divides by the std of the whole batch (one scale for every group). The std is the
+  unbiased one (ddof = 1), as in TRL; eps = 1e-4 keeps a near-constant group finite.
+- ``baseline``: the group mean (the paper) or RLOO's leave-one-out mean r_i − mean_{j≠i} r_j (Ahmadian et
+  al. 2024, arXiv 2402.14740), an unbiased baseline (it does not use r_i itself).
+- ε_low = ε_high = 0.2 is the paper; DAPO's clip-higher (Yu et al. 2025, arXiv 2503.14476) raises ε_high
+  (0.28) so unlikely tokens with positive advantage can grow.
+- KL: the paper's k3 estimator (Schulman 2020) x → eˣ − x − 1 with x = log π_ref − log π_θ (≥ 0, unbiased);
+  k1 = −x and k2 = x²/2 are offered. β = 0 by default, as in current practice (DAPO, Dr. GRPO, TRL): the
+  clipped ratio already keeps updates small, and then no reference model is loaded or run at all.
+- aggregation (:func:`preftune.losses.reduction.aggregate`): the paper averages each completion's tokens,
+  then the completions (``sequence_mean``), so a token of a short completion weighs more than one of a long
+  completion. Default ``token_mean`` (DAPO): every token of the optimizer step weighs the same, which is
+  what the field (TRL's default) uses now. ``constant`` (Dr. GRPO) divides by G'·L_max, length-unbiased.
+- A group whose rewards are all equal gives zero advantage (no gradient): counted in ``frac_reward_zero_std``.
+- Completions without a reward (``None``) get zero advantage and are left out of their group's statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALES = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    baseline: str = "mean",
+    valid: torch.Tensor | None = None,
+    batch_std: float | None = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Â (N,) from rewards (N,) of N = P·G completions, grouped as P consecutive groups of G.
+
+    Â_i = (r_i − b_i) / s, with b_i the group mean (``mean``) or the mean of the group's other rewards
+    (``leave_one_out``), and s = std of the group + eps (``group``), std of the batch + eps (``batch``;
+    ``batch_std`` overrides it, e.g. the std over every process's batch), or 1 (``none``). ``valid`` (N,)
+    marks rewards that exist; the others get Â = 0 and are left out of the statistics. A group with fewer
+    than two valid rewards, or whose valid rewards are all equal, gets Â = 0.
+    """
+    if group_size < 2:
+        raise ValueError(
+            f"group advantages need groups of at least 2 completions, got group_size={group_size}"
+        )
+    if scale not in SCALES or baseline not in BASELINES:
+        raise ValueError(
+            f"scale must be one of {SCALES} and baseline one of {BASELINES}, got {scale}, {baseline}"
+        )
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (P·G,) with G = {group_size}, got shape {tuple(rewards.shape)}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)  # (P, G)
+    ok = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
+    r = torch.where(ok, r, torch.zeros_like(r))
+    n = ok.sum(dim=1, keepdim=True)  # (P, 1) valid rewards per group
+    total = r.sum(dim=1, keepdim=True)
+    mean = total / n.clamp(min=1)  # (P, 1)
+    if baseline == "mean":
+        centred = r - mean  # r_i − mean(r)
+    else:
+        centred = r - (total - r) / (n - 1).clamp(min=1)  # r_i − mean_{j≠i} r_j
+    std = torch.sqrt(
+        (torch.where(ok, r - mean, torch.zeros_like(r)) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    )
+    if scale == "group":
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        if batch_std is None:
+            flat = r[ok]
+            batch_std = float(flat.std()) if flat.numel() > 1 else 0.0
+        centred = centred / (batch_std + eps)
+    high = torch.where(ok, r, torch.full_like(r, -torch.inf)).amax(dim=1, keepdim=True)
+    low = torch.where(ok, r, torch.full_like(r, torch.inf)).amin(dim=1, keepdim=True)
+    spread = (n >= 2) & (high > low)  # (P, 1): the group has something to learn from
+    return torch.where(ok & spread, centred, torch.zeros_like(centred)).view(-1)
+
+
+def zero_spread_fraction(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> float:
+    """Share of groups whose valid rewards are all equal (or fewer than two): they give no gradient."""
+    r = rewards.view(-1, group_size).float()
+    ok = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
+    high = torch.where(ok, r, torch.full_like(r, -torch.inf)).amax(dim=1)
+    low = torch.where(ok, r, torch.full_like(r, torch.inf)).amin(dim=1)
+    return float(((ok.sum(dim=1) < 2) | (high <= low)).float().mean())
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """−min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) per token, ρ = exp(log π_θ − log π_old).
+
+    ``logps``, ``old_logps`` (N, L); ``advantages`` (N,) or (N, L). Returns (loss (N, L), ρ (N, L)).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old_logps)  # ρ_t
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    return -torch.minimum(unclipped, clipped), ratio
+
+
+def clip_fractions(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float
+) -> dict[str, float]:
+    """Share of completion tokens whose update the clip stopped: ``low`` (ρ < 1−ε_low with Â < 0), ``high``
+    (ρ > 1+ε_high with Â > 0) and ``region`` (either)."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    low = (ratio < 1.0 - eps_low) & (adv < 0) & mask
+    high = (ratio > 1.0 + eps_high) & (adv > 0) & mask
+    n = mask.sum().clamp(min=1)
+    return {
+        "clip_ratio/low": float(low.sum() / n),
+        "clip_ratio/high": float(high.sum() / n),
+        "clip_ratio/region": float((low | high).sum() / n),
+    }
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL(π_θ‖π_ref) estimate at sampled tokens, x = log π_ref − log π_θ (N, L):
+    k1 = −x; k2 = x²/2; k3 = eˣ − x − 1 (≥ 0; the GRPO paper's). All are 0 where π_θ = π_ref."""
+    x = ref_logps - logps
+    if kind == "k1":
+        return -x
+    if kind == "k2":
+        return 0.5 * x * x
+    if kind == "k3":
+        return torch.expm1(x) - x  # eˣ − 1 − x, accurate for small x
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
+
+
+def grpo_token_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    kl: str = "k3",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GRPO's per-token loss (the negated objective above): (loss (N, L), ρ (N, L), KL_t (N, L) or None).
+
+    With β = 0 the KL term is absent and ``ref_logps`` is not needed. At one update per batch of samples
+    ``old_logps`` is ``logps.detach()``: ρ = 1 exactly, the loss value is −Â (≈ 0 on average) and its
+    gradient is −Â·∇log π_θ, the advantage-weighted log-prob gradient.
+    """
+    loss, ratio = clipped_policy_loss(logps, old_logps, advantages, eps_low=eps_low, eps_high=eps_high)
+    kl_t = None
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl_t = kl_penalty(logps, ref_logps, kl)
+        loss = loss + beta * kl_t
+    return loss, ratio, kl_t
