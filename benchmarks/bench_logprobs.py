@@ -53,8 +53,10 @@ def main() -> None:
     tokens = int(batch["attention_mask"].sum())
     m_resp = int(batch["response_mask"][:, 1:].sum())
     t_full = batch["input_ids"].numel()
-    print(f"device=cpu threads={torch.get_num_threads()} pairs={args.pairs} seq_len={batch['input_ids'].shape[1]} "
-          f"tokens/batch={tokens}")
+    print(
+        f"device=cpu threads={torch.get_num_threads()} pairs={args.pairs} seq_len={batch['input_ids'].shape[1]} "
+        f"tokens/batch={tokens}"
+    )
 
     # 1. log-prob path, forward + backward
     model.train()
@@ -70,12 +72,18 @@ def main() -> None:
         a, _ = sequence_logps(model, *seq, fast=True)
         b, _ = sequence_logps(model, *seq, fast=False)
     print("\n[1] log-probs, forward+backward of one batch")
-    print(f"  response-only head : {fast:.3f} s  {tokens / fast:8.0f} tok/s  logits {m_resp}x{vocab} fp32 = "
-          f"{m_resp * vocab * 4 / 2**20:.0f} MiB")
-    print(f"  full-logits        : {slow:.3f} s  {tokens / slow:8.0f} tok/s  logits {t_full}x{vocab} fp32 = "
-          f"{t_full * vocab * 4 / 2**20:.0f} MiB")
-    print(f"  speed-up {slow / fast:.2f}x, logits memory {t_full / m_resp:.2f}x smaller; "
-          f"max |difference| {float((a - b).abs().max()):.2e}")
+    print(
+        f"  response-only head : {fast:.3f} s  {tokens / fast:8.0f} tok/s  logits {m_resp}x{vocab} fp32 = "
+        f"{m_resp * vocab * 4 / 2**20:.0f} MiB"
+    )
+    print(
+        f"  full-logits        : {slow:.3f} s  {tokens / slow:8.0f} tok/s  logits {t_full}x{vocab} fp32 = "
+        f"{t_full * vocab * 4 / 2**20:.0f} MiB"
+    )
+    print(
+        f"  speed-up {slow / fast:.2f}x, logits memory {t_full / m_resp:.2f}x smaller; "
+        f"max |difference| {float((a - b).abs().max()):.2e}"
+    )
 
     # 2. DPO step: precomputed reference vs reference forward each step
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -99,7 +107,9 @@ def main() -> None:
     pre = timed(lambda: dpo_step(True), args.repeats)
     live = timed(lambda: dpo_step(False), args.repeats)
     print("\n[2] DPO optimizer step")
-    print(f"  precomputed reference : {pre:.3f} s/step  {args.pairs / pre:6.2f} pairs/s  (no reference copy in memory)")
+    print(
+        f"  precomputed reference : {pre:.3f} s/step  {args.pairs / pre:6.2f} pairs/s  (no reference copy in memory)"
+    )
     print(f"  reference each step   : {live:.3f} s/step  {args.pairs / live:6.2f} pairs/s")
     print(f"  speed-up {live / pre:.2f}x")
 

@@ -45,13 +45,14 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "validate", "show-config", "experiment"):
+    for command in ("train", "validate", "show-config", "experiment", "generate"):
         assert command in out
     assert set(build_parser()._subparsers._group_actions[0].choices) == {
         "train",
         "validate",
         "show-config",
         "experiment",
+        "generate",
     }
 
 
@@ -167,3 +168,46 @@ def test_missing_model_is_a_clean_error(config_path, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["validate", str(config_path), f"model.name_or_path={missing}", "--no-model"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_generate_from_a_lora_run_directory_with_a_reward(tmp_path, tiny_model_dir, capsys):
+    """`preftune generate RUN_DIR` loads a LoRA adapter onto its base, samples, scores and writes JSONL."""
+    import json as _json
+
+    import preftune
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            _json.dumps({"prompt": f"The movie {i} was", "chosen": " great", "rejected": " bad"}) + "\n"
+            for i in range(4)
+        )
+    )
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    run = preftune.train(
+        {
+            "model": {"name_or_path": str(tiny_model_dir), "lora": lora},
+            "data": {"train": str(pairs), "max_length": 32, "max_prompt_length": 16},
+            "training": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 1,
+                "batch_size": 2,
+                "progress": False,
+            },
+        },
+        log=lambda *a: None,
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The movie was\n# a comment\nI loved the story\n")
+    out = tmp_path / "samples.jsonl"
+    argv = ["generate", str(run), "--prompts", str(prompts), "-n", "2", "--max-new-tokens", "5"]
+    assert main(argv + ["--reward", "vader", "--out", str(out), "--prompt", "Hello world."]) == 0
+    rows = [_json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The movie was"] * 2 + ["I loved the story"] * 2 + [
+        "Hello world."
+    ] * 2
+    assert all(1 <= r["tokens"] <= 5 and r["rewards"]["vader"] == r["reward"] for r in rows)
+    text = capsys.readouterr().out
+    assert "### The movie was" in text and "mean reward" in text
+    assert main(["generate", str(tiny_model_dir)]) == 2  # no prompts: a clear error
+    assert "no prompts" in capsys.readouterr().err

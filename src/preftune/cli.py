@@ -1,4 +1,4 @@
-"""The ``preftune`` command line: train, validate, show-config, experiment."""
+"""The ``preftune`` command line: train, validate, show-config, experiment, generate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, dump_yaml, load_train_config
+from .config import ConfigError, GenerationConfig, dump_yaml, load_train_config
 from .training.signals import Terminated
 
 
@@ -52,12 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the controlled sentiment experiment (sample, score, pair, train, evaluate, plot)",
     )
     _add_config_args(p, "CONFIG.yaml|quick|sweep|full")
+    p = sub.add_parser("generate", help="sample completions from a run directory or model, optionally scored")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="run directory, model or adapter folder, hub id (default: embedded)",
+    )
+    p.add_argument(
+        "--prompts", dest="prompts_file", metavar="FILE", help="prompt data (.jsonl/.txt/..., builtin:NAME)"
+    )
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeatable")
+    p.add_argument("--chat", action="store_true", help="send --prompt texts as user messages (chat template)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--reward", action="append", default=[], metavar="SPEC", help="score with a reward; repeatable"
+    )
+    p.add_argument("--out", metavar="FILE.jsonl", help="also write the rows as JSON Lines")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow options like --resume
+    if args.command == "generate":
+        return _generate(parser, args, extra)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -91,6 +116,33 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _generate(parser, args, extra) -> int:
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .generate import generate, print_rows
+
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+    )
+    try:
+        rows = generate(
+            args.model, prompts=args.prompt, prompts_file=args.prompts_file, chat=args.chat, n=args.num_samples,
+            gen=gen, seed=args.seed, rewards=args.reward, limit=args.limit, out=args.out,
+            log=lambda *a: print(*a, file=sys.stderr),
+        )  # fmt: skip
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_rows(rows)
+    scored = [r["reward"] for r in rows if r.get("reward") is not None]
+    if scored:
+        print(f"\nmean reward {sum(scored) / len(scored):.4f} over {len(scored)} completions")
+    return 0
 
 
 if __name__ == "__main__":

@@ -114,6 +114,34 @@ def load_model(
     return model
 
 
+def resolve_trained(path: str | None, log=print) -> str:
+    """A model to run: a run directory (its ``model/``), a model or adapter folder, a hub id, or None (the
+    embedded default)."""
+    if path is None:
+        return str(embedded_model_dir(log))
+    folder = Path(path)
+    if (folder / "model").is_dir() and not (folder / "config.json").is_file():
+        return str(folder / "model")
+    return path
+
+
+def load_for_inference(path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM to sample from or score with: a plain model folder, or a LoRA adapter folder (as a run
+    with ``lora.enabled`` saves it), loaded onto its base (named in the adapter's config) and merged."""
+    adapter = Path(path) / "adapter_config.json"
+    if not adapter.is_file():
+        return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(f"{adapter} names no base model (base_model_name_or_path)")
+    base = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
 def add_lora(model, lora_cfg, *, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    ONLINE_METHODS,
     ConfigError,
     GenerationConfig,
     LoraConfig,
@@ -67,10 +68,10 @@ class ExpTrainConfig:
 @dataclass
 class MethodRun:
     method: str = "dpo"
-    betas: list[float] = field(default_factory=lambda: [0.1])
-    options: dict = field(
-        default_factory=dict
-    )  # other keys of the method's section (alpha, offset, gamma, ...)
+    betas: list[float] = field(default_factory=lambda: [0.1])  # GRPO: its KL coefficient
+    options: dict = field(default_factory=dict)  # other keys of the method's section (alpha, gamma, ...)
+    training: dict = field(default_factory=dict)  # overrides of the shared `train` settings for this method
+    generation: dict = field(default_factory=dict)  # online methods: overrides of the `sample` settings
 
 
 @dataclass
@@ -134,10 +135,20 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
                 f"{source}: methods[{i}]: reward_model trains a scorer, not a policy, so it cannot be sampled "
                 "and evaluated here; train it with `preftune train` and use it as `reward: reward_model:PATH`"
             )
+    names: set[str] = set()
     for run in cfg.methods:  # build every training config now: bad keys fail before any sampling
         for beta in run.betas:
             train_config(cfg, run, beta, output_dir="unused")
+            name = run_name(run, beta)
+            if name in names:
+                raise ConfigError(f"{source}: two runs are both named {name!r}; give them different options")
+            names.add(name)
     return cfg
+
+
+def run_name(run: MethodRun, beta: float) -> str:
+    extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()) if k != "rewards")
+    return f"{run.method}{extra}-beta{beta:g}"
 
 
 def _split_method(entry: Any, i: int, source: str) -> dict:
@@ -149,6 +160,9 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
         out["betas"] = entry.pop("betas")
     if "beta" in entry:
         raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
+    for section in ("training", "generation"):
+        if section in entry:
+            out[section] = entry.pop(section)
     out["options"] = entry
     return out
 
@@ -162,11 +176,12 @@ def train_dtype(cfg: ExperimentConfig) -> str:
 def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_dir: str) -> TrainConfig:
     """The ``preftune train`` config of one (method, beta) run on the experiment's pairs."""
     t = cfg.train
+    online = run.method in ONLINE_METHODS
     raw = {
         "method": run.method,
         "model": {"name_or_path": cfg.model, "dtype": train_dtype(cfg), "lora": vars(t.lora).copy()},
         "data": {
-            "train": "pairs.jsonl",
+            "train": "prompts.txt" if online else "pairs.jsonl",
             "max_length": t.max_length,
             "max_prompt_length": t.max_prompt_length,
         },
@@ -186,6 +201,14 @@ def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_d
         },
         run.method: {"beta": beta, **run.options},
     }
+    raw["training"].update(run.training)
+    if online:  # trained on the training prompts, with the experiment's reward and sampling settings
+        raw[run.method].setdefault("rewards", [cfg.reward])
+        s = cfg.sample
+        sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p}
+        raw["generation"] = {**sampling, "batch_size": s.batch_size, **run.generation}
+    elif run.generation:
+        raise ConfigError(f"methods entry {run.method}: `generation` is for online methods only")
     tcfg = train_config_from_dict(raw, source=f"methods entry {run.method} beta={beta}")
     tcfg.training.progress = cfg.progress  # not part of the raw dict: it must not change stage fingerprints
     return tcfg

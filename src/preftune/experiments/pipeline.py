@@ -22,15 +22,23 @@ import time
 from pathlib import Path
 
 from .. import metrics as M
-from ..config import TrainConfig
+from ..config import ONLINE_METHODS, TrainConfig
 from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..logprobs import score_responses
-from ..models import autocast, default_device, load_model, load_tokenizer, resolve_model_path
+from ..losses import PAIR_METHODS
+from ..models import (
+    autocast,
+    default_device,
+    load_for_inference,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from ..rewards import RewardError, load_reward
 from ..sampling import derive_seed, generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
-from .config import ExperimentConfig, MethodRun, load_experiment_config, train_config, train_dtype
+from .config import ExperimentConfig, MethodRun, load_experiment_config, run_name, train_config, train_dtype
 from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint, text_sha256
 from .pairs import build_pairs
 from .prompts import load_prompts
@@ -38,11 +46,6 @@ from .report import format_table, plot_frontier, plot_training_curves, write_rep
 from .stages import read_stage, run_stage
 
 __all__ = ["load_experiment_config", "run_experiment"]
-
-
-def _run_name(run: MethodRun, beta: float) -> str:
-    extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()))
-    return f"{run.method}{extra}-beta{beta:g}"
 
 
 def pairs_with_ids(records: list[dict], mode: str) -> tuple[list[dict], dict]:
@@ -61,6 +64,11 @@ def pairs_with_ids(records: list[dict], mode: str) -> tuple[list[dict], dict]:
             )
             rows.append(row)
     return rows, stats
+
+
+def uses_pair_reference(tcfg: TrainConfig) -> bool:
+    """Whether a run reads the shared reference log-probs of the pairs (a pair method with π_ref)."""
+    return tcfg.method in PAIR_METHODS and needs_reference(tcfg)
 
 
 class Experiment:
@@ -189,7 +197,8 @@ class Experiment:
 
     def _train_cfg(self, run: MethodRun, beta: float, output_dir: Path) -> TrainConfig:
         tcfg = train_config(self.cfg, run, beta, output_dir=str(output_dir))
-        tcfg.data.train = str(self.root / "pairs" / "pairs.jsonl")
+        online = run.method in ONLINE_METHODS
+        tcfg.data.train = str(self.root / ("prompts/train.txt" if online else "pairs/pairs.jsonl"))
         tcfg.model.name_or_path = self.model_path
         return tcfg
 
@@ -236,22 +245,27 @@ class Experiment:
         done = []
         for run in self.cfg.methods:
             for beta in run.betas:
-                name = _run_name(run, beta)
+                name = run_name(run, beta)
                 stage = f"train/{name}"
                 probe = train_config(self.cfg, run, beta, output_dir="run")  # no absolute paths: movable
                 config = probe.to_dict()
                 config["training"].pop("progress")  # display only
-                inputs = {"pairs": self._fp("pairs"), "model": self.model_id, "config": config}
-                if needs_reference(probe):
+                inputs = {"model": self.model_id, "config": config}
+                if run.method in ONLINE_METHODS:  # trained online: the prompts and the reward, not the pairs
+                    inputs.update(prompts=self._fp("prompts"), reward=self.reward_id)
+                else:
+                    inputs["pairs"] = self._fp("pairs")
+                if uses_pair_reference(probe):
                     inputs["reference"] = self._fp("reference")
 
                 def fn(out: Path, run=run, beta=beta) -> dict:
                     tcfg = self._train_cfg(run, beta, out / "run")
-                    ref = self.root / "reference" / "ref_logps.safetensors" if needs_reference(tcfg) else None
+                    shared = self.root / "reference" / "ref_logps.safetensors"
+                    ref = shared if uses_pair_reference(tcfg) else None
                     if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
                         return json.loads((out / "run" / "result.json").read_text())
                     resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
-                    self.log(f"== training {_run_name(run, beta)}" + (" (resuming)" if resume else ""))
+                    self.log(f"== training {run_name(run, beta)}" + (" (resuming)" if resume else ""))
                     train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
                     return json.loads((out / "run" / "result.json").read_text())
 
@@ -315,7 +329,7 @@ class Experiment:
             inputs = {**base_inputs, "train": self._fp(f"train/{name}"), "base_eval": base_fp}
 
             def fn(out: Path, model_dir=model_dir) -> dict:
-                model = load_model(str(model_dir), dtype=self.cfg.dtype).to(self.device).eval()
+                model = load_for_inference(str(model_dir), dtype=self.cfg.dtype).to(self.device).eval()
                 return self._evaluate(model, out, held)
 
             self._stage(f"eval/{name}", inputs, fn)
@@ -392,7 +406,7 @@ def _run(cfg: ExperimentConfig, log) -> list[dict]:
     exp.prompts()
     exp.samples()
     exp.pairs()
-    if any(needs_reference(train_config(cfg, run, run.betas[0], output_dir="-")) for run in cfg.methods):
+    if any(uses_pair_reference(train_config(cfg, run, run.betas[0], output_dir="-")) for run in cfg.methods):
         exp.reference()
     runs = exp.train_runs()
     rows = exp.evaluate_all(runs)
