@@ -198,3 +198,94 @@ def test_fast_path_under_lora_equals_slow(tiny_tokenizer, pairs, pad_id):
     with model.disable_adapter():
         base, _ = run(model, batch)
     assert (fast - base).abs().max() > 1e-3
+
+
+# --- shared prefix --------------------------------------------------------------------------------------
+
+
+def _plain(model, prompts, groups, pad_id):
+    flat_p = [p for p, g in zip(prompts, groups) for _ in g]
+    batch = pack_sequences(flat_p, [c for g in groups for c in g], pad_id)
+    return token_logps(model, *(batch[k] for k in KEYS))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_equals_the_plain_path_in_values_and_gradients(tiny_tokenizer, pad_id, attention):
+    from preftune.logprobs import shared_prefix_logps
+
+    model = build_tiny_model(tiny_tokenizer, seed=6)
+    model.config._attn_implementation = attention
+    prompts = [[5, 6, 7, 8], [9, 10], [11]]
+    groups = [[[20, 21, 22], [23], [24, 25]], [[26, 27, 28, 29], []], [[30, 31]]]  # an empty completion too
+    shared, completion, entropy = shared_prefix_logps(model, prompts, groups, pad_id, entropy=True)
+    (shared * torch.linspace(0.5, 1.5, len(shared))).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain, rows = _plain(model, prompts, groups, pad_id)
+    (plain * torch.linspace(0.5, 1.5, len(plain))).sum().backward()
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    assert torch.equal(completion, rows)
+    assert completion.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 5, 5]  # completion 4 is empty
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert entropy is not None and (entropy > 0).all()
+
+
+def test_shared_prefix_encodes_the_prompt_once(tiny_tokenizer, pad_id):
+    from preftune.data import pack_shared_prefix
+    from preftune.logprobs import shared_prefix_logps
+
+    packed = pack_shared_prefix([[5, 6, 7]], [[[20, 21], [22, 23, 24]]], pad_id)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 20, 21, 22, 23, 24]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]  # both completions continue at 3
+    allowed = packed["allowed"][0]
+    assert not allowed[5, 3] and not allowed[6, 4]  # the second completion never sees the first
+    assert allowed[5, :3].all() and allowed[7, 5:8].all() and not allowed[2, 3]
+    assert packed["source"].tolist() == [2, 3, 2, 5, 6]  # the last prompt position predicts both first tokens
+    model = build_tiny_model(tiny_tokenizer, seed=6)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    shared_prefix_logps(model, [[5, 6, 7]], [[[20, 21], [22, 23, 24]]], pad_id)
+    hook.remove()
+    assert seen == [(1, 8)]  # 3 prompt tokens once + 5 completion tokens, not 3 + 2 and 3 + 3
+
+
+def test_shared_prefix_falls_back_for_other_attention(tiny_tokenizer, pad_id, monkeypatch):
+    import preftune.logprobs as logprobs
+
+    model = build_tiny_model(tiny_tokenizer, seed=6)
+    reference, _ = _plain(model, [[5, 6]], [[[7, 8], [9]]], pad_id)
+    monkeypatch.setattr(logprobs, "SHARED_PREFIX_ATTENTION", ())  # as for an attention without custom masks
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    logps, completion, _ = logprobs.shared_prefix_logps(model, [[5, 6]], [[[7, 8], [9]]], pad_id)
+    hook.remove()
+    assert seen == [(2, 4)] and completion.tolist() == [0, 0, 1]  # the plain batch: the prompt twice
+    torch.testing.assert_close(logps, reference)
+
+
+def test_chunked_head_equals_a_full_log_softmax_in_values_and_gradients(monkeypatch):
+    import preftune.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 50)  # 50 // 11 = 4 rows a chunk: several chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 6, requires_grad=True)
+    weight = torch.randn(11, 6, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    targets = torch.randint(0, 11, (10,))
+    g = torch.linspace(-1, 2, 10)
+    logps, entropy = logprobs._ChunkedHeadLogps.apply(hidden, weight, bias, targets)
+    (logps * g).sum().backward()
+    got = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    full = torch.log_softmax(hidden @ weight.T + bias, -1)
+    expected = full.gather(-1, targets[:, None]).squeeze(-1)
+    (expected * g).sum().backward()
+    torch.testing.assert_close(logps, expected)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    for a, t in zip(got, (hidden, weight, bias)):
+        torch.testing.assert_close(a, t.grad)
+    assert not entropy.requires_grad
+    empty, _ = logprobs._ChunkedHeadLogps.apply(hidden[:0], weight, bias, targets[:0])
+    assert empty.shape == (0,)

@@ -93,22 +93,34 @@ def test_reward_model_head_is_trained_in_fp32_under_lora(tmp_path, tiny_model_di
     assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_logprob_head_runs_in_fp32_under_autocast(tiny_tokenizer):
-    """Under bf16 autocast the backbone computes in bf16 but the LM head (on response positions only) and
-    the log-softmax stay fp32: the fast path equals a full fp32-head forward under the same autocast."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_logprob_head_runs_in_fp32_under_autocast(tiny_tokenizer, monkeypatch, chunked):
+    """Under bf16 autocast the backbone computes in bf16, but the LM head (on response positions only) and
+    the log-softmax run in fp32: in the model on the gathered positions, or, for long responses, not in the
+    model at all (its head gets an empty input) but in the chunked log-softmax."""
     from conftest import build_tiny_model
 
+    import preftune.logprobs as logprobs
     from preftune.data import pack_sequences
-    from preftune.logprobs import token_logps
 
+    if chunked:
+        monkeypatch.setattr(logprobs, "CHUNKED_ABOVE", 0)
     model = build_tiny_model(tiny_tokenizer, seed=4).eval()
     seen = []
     head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, a, out: seen.append((a[0].shape, out.dtype)))
+    handle = head.register_forward_hook(lambda m, a, out: seen.append((tuple(a[0].shape), out.dtype)))
     batch = pack_sequences([[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]], tiny_tokenizer.pad_token_id)
+    captured = []
+    norm = model.model.norm.register_forward_hook(lambda m, a, out: captured.append(out))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, _ = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    handle.remove()
-    assert seen == [(torch.Size([5, 32]), torch.float32)]  # 5 response tokens, hidden 32, fp32 logits
-    assert logps.dtype == torch.float32
-    assert torch.is_autocast_enabled("cpu") is False  # restored after the block
+        logps, rows = logprobs.token_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+    handle.remove(), norm.remove()
+    assert [shape for shape, _ in seen] == [(0, 0, 32) if chunked else (5, 32)]  # chunked: no logits in the model
+    assert chunked or seen[0][1] == torch.float32
+    assert logps.dtype == torch.float32 and torch.is_autocast_enabled("cpu") is False
+    hidden = captured[0][:, :-1][batch["response_mask"][:, 1:]].float()  # (5, 32), computed in bf16
+    targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
+    expected = torch.log_softmax(hidden @ head.weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)  # fp32
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)

@@ -3,11 +3,18 @@
 The model runs its own forward (so DDP, FSDP and PEFT wrappers see an ordinary call and synchronise
 gradients as usual), but a forward pre-hook on its output-embedding module hands the LM head only the
 hidden states of response positions: a (M, H) gather before the (H, V) projection, so the (N, T, V) logits
-tensor of a plain forward is never built. Whatever the model does to its hidden states before the head, and
-element-wise to the logits after it (scaling, soft-capping), still happens. The head runs with autocast off,
-in its weights' dtype (fp32 master weights under mixed precision), and the log-softmax in fp32. A model
+tensor of a plain forward is never built. When even the (M, V) response logits would be large (M·V above
+:data:`CHUNKED_ABOVE`, long responses) a plain linear head is not run by the model at all: its input is
+captured and a chunked log-softmax (:class:`_ChunkedHeadLogps`, 32 MiB of logits at a time, recomputed in
+the backward) gives the log-probs. A head whose logits the model post-processes (scaling, soft-capping)
+always runs inside the model on the gathered positions, so whatever the model does still happens. Either way the head runs with autocast off, in its weights' dtype (fp32
+master weights under mixed precision), and the log-softmax in fp32. A model
 whose forward does not hand the head (N, T, H) hidden states exactly once takes the slow path (a full
 forward, then the same gather); both paths are tested against each other.
+
+:func:`shared_prefix_logps` scores several completions of one prompt with the prompt encoded once: one
+packed row per prompt and a block attention mask (:func:`preftune.data.pack_shared_prefix`); the head then
+gathers, for each completion token, the position that predicts it. It equals the plain path (tested).
 
 Inputs go to the device of the model's parameters (the one placement rule, :func:`preftune.models.to_device`).
 """
@@ -15,11 +22,12 @@ Inputs go to the device of the model's parameters (the one placement rule, :func
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data.collate import pack_sequences
+from .data.collate import pack_sequences, pack_shared_prefix
 from .models import device_of, unwrap
 
 
@@ -30,19 +38,20 @@ def _output_head(model) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def _head_on_positions(head: torch.nn.Module, positions: torch.Tensor, device_type: str):
-    """While active, ``head`` sees hidden[:, :-1][positions] (M, H) instead of hidden (N, T, H), with
-    autocast off and the input in the head's weight dtype; it must be called exactly once."""
+def _head_on_positions(head: torch.nn.Module, source: torch.Tensor, shape: tuple[int, int], device_type: str):
+    """While active, ``head`` sees only the hidden states at ``source`` (M,), flat indices into the (N, T)
+    positions — (M, H) instead of (N, T, H) — with autocast off and the input in the head's weight dtype;
+    it must be called exactly once."""
     autocast_was = torch.is_autocast_enabled(device_type)
     weight = getattr(head, "weight", None)
     calls: list[int] = []
 
     def before(module, args):
         hidden = args[0]
-        if calls or hidden.dim() != 3 or hidden.shape[:2] != positions.shape[:1] + (positions.shape[1] + 1,):
+        if calls or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(shape):
             raise _NotFast
         calls.append(1)
-        picked = hidden[:, :-1][positions]  # (M, H)
+        picked = hidden.reshape(-1, hidden.shape[-1])[source]  # (M, H)
         torch.set_autocast_enabled(device_type, False)
         return (picked.to(weight.dtype) if isinstance(weight, torch.Tensor) else picked,) + tuple(args[1:])
 
@@ -62,29 +71,143 @@ class _NotFast(Exception):
     """The model's forward does not fit the response-only head; use the full forward."""
 
 
-def _response_logits(model, input_ids, attention_mask, response_mask, fast: bool):
-    """(logits (M, V), targets (M,), rows (M,)) at the response positions, on the model's device."""
+# logit post-processing in a model's forward after its head: such heads keep the plain (M, V) logits path
+_SPECIAL_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+CHUNK_ELEMENTS = 1 << 23  # logits held at once by the chunked head: 32 MiB of fp32
+CHUNKED_ABOVE = 1 << 26  # M·V above which the chunked head is used (256 MiB of fp32 logits); below it the
+# plain head + log-softmax is faster (no recomputation in the backward) and its logits are small
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log-softmax(h W^T + b)[target] and the entropy, a chunk of rows at a time: the (M, V) logits are never
+    held whole, and the backward recomputes each chunk's logits instead of keeping them. Computes in fp32,
+    the matmul in the head weight's dtype, with autocast off; the entropy is not differentiated."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        logps, lses, entropy = [], [], []
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                z = F.linear(hidden[start : start + rows].to(weight.dtype), weight, bias).float()  # (m, V)
+                lse = torch.logsumexp(z, dim=-1)  # (m,)
+                t = targets[start : start + rows].unsqueeze(-1)
+                logps.append(z.gather(-1, t).squeeze(-1) - lse)
+                entropy.append(lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1))  # −Σ p log p
+                lses.append(lse)
+        cat = torch.cat if hidden.shape[0] else (lambda xs: hidden.new_zeros(0, dtype=torch.float32))
+        lse, ent = cat(lses), cat(entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.mark_non_differentiable(ent)
+        return cat(logps), ent
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start : start + rows].to(weight.dtype)
+                z = F.linear(h, weight, bias).float()
+                g = grad_logps[start : start + rows].float()  # (m,)
+                dz = -torch.exp(z - lse[start : start + rows].unsqueeze(-1)) * g.unsqueeze(-1)  # −p·g
+                dz.scatter_add_(
+                    -1, targets[start : start + rows].unsqueeze(-1), g.unsqueeze(-1)
+                )  # + g at target
+                if need_h:
+                    grad_h[start : start + rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += dz.t() @ h.float()
+                if need_b:
+                    grad_b += dz.sum(dim=0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None
+
+
+def _plain_linear_head(model, head) -> bool:
+    config = getattr(unwrap(model), "config", None)
+    special = any(getattr(config, key, None) not in (None, 1, 1.0) for key in _SPECIAL_HEAD_KEYS)
+    return type(head) is torch.nn.Linear and not special
+
+
+@contextlib.contextmanager
+def _capture_head_input(head: torch.nn.Module, source: torch.Tensor, shape: tuple[int, int]):
+    """While active, the head's input at ``source`` is captured (M, H) and the head itself is given no rows,
+    so the model computes no logits at all; it must be called exactly once."""
+    captured: list[torch.Tensor] = []
+
+    def before(module, args):
+        hidden = args[0]
+        if captured or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(shape):
+            raise _NotFast
+        captured.append(hidden.reshape(-1, hidden.shape[-1])[source])  # (M, H), in the autograd graph
+        return (hidden[:0, :0],) + tuple(args[1:])  # (0, 0, H): an empty logits tensor
+
+    handle = head.register_forward_pre_hook(before)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
+    """(logps (M,), entropy (M,) or None) at ``source`` with the response-only head, or None when the model's
+    forward does not allow it. A plain linear head gets the chunked log-softmax (no (M, V) tensor kept);
+    a head with logit post-processing gets its logits at ``source`` (M, V) from the model's own forward."""
+    head = _output_head(model)
+    if head is None:
+        return None
+    try:
+        if _plain_linear_head(model, head) and source.numel() * head.weight.shape[0] > CHUNKED_ABOVE:
+            with _capture_head_input(head, source, shape) as captured:
+                model(**inputs, use_cache=False)
+            logps, ent = _ChunkedHeadLogps.apply(captured[0], head.weight, head.bias, targets)
+            return logps, (ent if entropy else None)
+        with _head_on_positions(head, source, shape, source.device.type):
+            logits = model(**inputs, use_cache=False).logits
+    except _NotFast:
+        return None
+    if logits.shape[:-1] != source.shape:
+        return None  # the model reshaped the head's output
+    return _logps_and_entropy(logits, targets, entropy)
+
+
+def _response_logps(model, input_ids, attention_mask, response_mask, fast: bool, entropy: bool):
+    """(logps (M,), rows (M,), entropy (M,) or None) at the response positions, on the model's device."""
     device = device_of(model)
     input_ids, attention_mask, response_mask = (
         t.to(device) for t in (input_ids, attention_mask, response_mask)
     )
     targets_mask = response_mask[:, 1:]  # (N, T-1): token t+1 is predicted at position t
     targets = input_ids[:, 1:][targets_mask]  # (M,)
-    rows = torch.nonzero(targets_mask, as_tuple=True)[0]  # (M,)
-    head = _output_head(model) if fast else None
-    logits = None
-    if head is not None:
-        try:
-            with _head_on_positions(head, targets_mask, device.type):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        except _NotFast:
-            logits = None
-        if logits is not None and logits.shape[:-1] != targets.shape:
-            logits = None  # the model reshaped the head's output: not a per-position head
-    if logits is None:
+    rows, cols = torch.nonzero(targets_mask, as_tuple=True)  # (M,) each
+    n, t = input_ids.shape
+    out = None
+    if fast:
+        source = rows * t + cols
+        out = _fast_logps(
+            model, source, (n, t), targets, entropy, input_ids=input_ids, attention_mask=attention_mask
+        )
+    if out is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1][targets_mask]  # (M, V)
-    return logits, targets, rows
+        out = _logps_and_entropy(logits[:, :-1][targets_mask], targets, entropy)  # (M, V) logits
+    return out[0], rows, out[1]
+
+
+def _logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (M, V) fp32: one log-softmax serves both
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (M,)
+    if not entropy:
+        return logps, None
+    rows = max(1, CHUNK_ELEMENTS // max(logp_all.shape[-1], 1))
+    with torch.no_grad():  # −Σ_v p_v log p_v, a diagnostic: in chunks, so no (M, V) temporaries
+        ent = [-(c.exp() * c).sum(dim=-1) for c in logp_all.detach().split(rows)]
+    return logps, torch.cat(ent) if ent else logps.detach().new_zeros(0)
 
 
 def token_logps(
@@ -101,23 +224,55 @@ def token_logps(
     response token. Returns (logps (M,) fp32, row (M,) long): the log-prob of each response token and
     the row it belongs to, M = response_mask[:, 1:].sum(), row-major. Both on the model's device.
     """
-    logits, targets, rows = _response_logits(model, input_ids, attention_mask, response_mask, fast)
-    logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) = log_softmax(logits)[targets]
+    logps, rows, _ = _response_logps(model, input_ids, attention_mask, response_mask, fast, False)
     return logps, rows
 
 
 def token_logps_with_entropy(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`token_logps` plus the entropy of π at each response position, −Σ_v p_v log p_v (M,), from the
-    same logits (detached: a diagnostic, not part of any loss)."""
-    logits, targets, rows = _response_logits(model, input_ids, attention_mask, response_mask, True)
-    logits = logits.float()
-    logps = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
-    with torch.no_grad():
-        logp_all = torch.log_softmax(logits.detach(), dim=-1)  # (M, V)
-        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)  # (M,)
+    """:func:`token_logps` plus the entropy of π at each response position (M,), from the same logits
+    (detached: a diagnostic, not part of any loss)."""
+    logps, rows, entropy = _response_logps(model, input_ids, attention_mask, response_mask, True, True)
     return logps, rows, entropy
+
+
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def shared_prefix_logps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    *,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of every completion of ``groups[i]`` after ``prompts[i]``, the prompt encoded once
+    per group (:func:`preftune.data.pack_shared_prefix`): returns (logps (M,), completion (M,), entropy (M,)
+    or None), in the order :func:`token_logps` gives for the plain batch of (prompt, completion) rows, and
+    equal to it (tested). Models whose attention takes no custom mask get exactly that plain batch."""
+    device = device_of(model)
+    implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    if implementation in SHARED_PREFIX_ATTENTION:
+        packed = {k: v.to(device) for k, v in pack_shared_prefix(prompts, groups, pad_token_id).items()}
+        allowed = packed["allowed"].unsqueeze(1)  # (B, 1, T, T)
+        if implementation == "eager":  # additive mask
+            dtype = next(model.parameters()).dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        out = _fast_logps(
+            model, packed["source"], tuple(packed["input_ids"].shape), packed["targets"], entropy,
+            input_ids=packed["input_ids"], attention_mask=allowed, position_ids=packed["position_ids"],
+        )  # fmt: skip
+        if out is not None:
+            return out[0], packed["completion"], out[1]
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    batch = pack_sequences(flat_prompts, [c for group in groups for c in group], pad_token_id)
+    return _response_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy
+    )
 
 
 def sequence_logps(

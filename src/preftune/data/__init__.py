@@ -1,7 +1,7 @@
 """The data layer: rows -> examples -> batch (load, validate, tokenise, collate) for pair data and prompt
 data. See docs/data.md."""
 
-from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences
+from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences, pack_shared_prefix
 from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
 from preftune.data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
 from preftune.data.tokenize import (
@@ -24,6 +24,7 @@ __all__ = [
     "collate_pairs",
     "collate_prompts",
     "pack_sequences",
+    "pack_shared_prefix",
     "load_rows",
     "prompt_ids",
     "response_ids",

@@ -33,6 +33,57 @@ def pack_sequences(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def pack_shared_prefix(
+    prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Sequence[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """One row per prompt: the prompt once, then each of its completions, right-padded; the attention lets
+    every completion see the prompt and itself, never another completion, so the prompt is encoded once for
+    all of them (GRPO's group, or DPO's chosen and rejected).
+
+    Returns ``input_ids`` and ``position_ids`` (B, T) long (a completion's positions continue the prompt's);
+    ``allowed`` (B, T, T) bool, True where query position q may attend to key position k (padding attends to
+    itself only); ``source`` (M,) long, the flat index into (B·T) of the position that predicts each
+    completion token (the last prompt position for a first token); ``targets`` (M,) long; ``completion`` (M,)
+    long, which completion each token belongs to (completions numbered row by row). M counts every completion
+    token, in the same order as :func:`pack_sequences` over (prompt, completion) pairs.
+    """
+    if len(prompts) != len(groups) or any(len(p) == 0 for p in prompts):
+        raise ValueError("pack_shared_prefix needs one non-empty prompt per group")
+    lengths = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts, groups)]
+    B, T = len(prompts), max(lengths)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    allowed = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # (B, T, T): padding sees itself
+    source, targets, completion = [], [], []
+    index = 0
+    for row, (prompt, group) in enumerate(zip(prompts, groups)):
+        n = len(prompt)
+        input_ids[row, :n] = torch.tensor(list(prompt), dtype=torch.long)
+        position_ids[row, :n] = torch.arange(n)
+        allowed[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start = n
+        for ids in group:
+            end = start + len(ids)
+            if ids:
+                input_ids[row, start:end] = torch.tensor(list(ids), dtype=torch.long)
+                position_ids[row, start:end] = torch.arange(n, n + len(ids))
+                allowed[row, start:end, :n] = True
+                allowed[row, start:end, start:end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+                source += [row * T + n - 1] + [row * T + p for p in range(start, end - 1)]
+                targets += list(ids)
+                completion += [index] * len(ids)
+            index += 1
+            start = end
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "allowed": allowed,
+        "source": torch.tensor(source, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "completion": torch.tensor(completion, dtype=torch.long),
+    }
+
+
 def collate_pairs(examples: Sequence[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Batch ``B`` pairs; ``T`` is the longest prompt + response.
 

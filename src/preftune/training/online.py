@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import metrics as M
 from ..data import pack_sequences
-from ..logprobs import sequence_logps, token_logps, token_logps_with_entropy
+from ..logprobs import sequence_logps, shared_prefix_logps
 from ..losses import aggregate, clip_fractions, grpo_token_loss
 from ..models import load_model, unwrap_model
 from ..rewards import RewardError, score_all
@@ -50,6 +50,8 @@ from .engine import (
 )
 from .reference import Reference, build_reference
 from .rollout import Rollout, collect_rollout, completion_logps
+
+NO_GRAD_BATCH = 4  # no-grad passes (π_old, π_ref) take 4 × training.batch_size completions at a time
 
 
 def train_grpo(s) -> dict:
@@ -99,22 +101,25 @@ def train_grpo(s) -> dict:
             for step in range(start_step, n_steps):
                 began = time.perf_counter()
                 batch_index, iteration = divmod(step, g.iterations)
-                timings = {"time/generate": 0.0, "time/score": 0.0}
+                timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
                 if rollout is None or iteration == 0:
                     _, (indices,) = plan.step(batch_index)
                     rollout, timings = collect_rollout(
                         model=model, cfg=cfg, tokenizer=tokenizer, examples=examples, indices=indices,
                         rewards=prep.rewards, accelerator=acc, batch=batch_index, describe=describe,
                     )  # fmt: skip
+                    started_logps = time.perf_counter()
                     with acc.autocast():
+                        G, nograd = g.group_size, NO_GRAD_BATCH * t.batch_size  # no activations kept
                         if g.iterations > 1:  # π_old: the policy before this batch's first update
                             rollout.old_logps = completion_logps(
-                                _no_grad(model), rollout, pad, t.batch_size, width
+                                _no_grad(model), rollout, pad, nograd, width, G
                             )
                         if reference is not None:
                             rollout.ref_logps = completion_logps(
-                                reference.token_logps, rollout, pad, t.batch_size, width
+                                reference.shared_prefix_logps, rollout, pad, nograd, width, G
                             )
+                    timings["time/old_ref_logps"] = time.perf_counter() - started_logps
                 trained = time.perf_counter()
                 sums, finite = _train_step(model, rollout, cfg, acc, pad, width)
                 consistent = False
@@ -183,9 +188,9 @@ def train_grpo(s) -> dict:
 
 
 def _no_grad(model):
-    def logps(*batch):
+    def logps(prompts, groups, pad):
         with torch.no_grad():
-            return token_logps(model, *batch)
+            return shared_prefix_logps(model, prompts, groups, pad)
 
     return logps
 
@@ -216,18 +221,20 @@ def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tupl
     )
     sums.update(tokens=float(full_mask.sum()), all_tokens=0.0)
     finite = True
-    starts = list(range(0, n, t.batch_size))
+    G = g.group_size
+    per_micro = max(1, t.batch_size // G) * G  # whole groups: each prompt is encoded once for its completions
+    starts = list(range(0, n, per_micro))
     for k, start in enumerate(starts):
-        idx = list(range(start, min(start + t.batch_size, n)))
-        batch = rollout.pack(idx, pad)
-        sums["all_tokens"] += float(batch["attention_mask"].sum())
+        idx = list(range(start, min(start + per_micro, n)))
+        prompts, groups = rollout.groups(idx, G)
+        sums["all_tokens"] += float(
+            sum(len(p) for p in prompts) + sum(len(rollout.completion_ids[i]) for i in idx)
+        )
         lengths = rollout.lengths(idx)
         cols = int(lengths.max())
         tokens = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (n, cols) completion tokens
         with acc.no_sync(model) if k < len(starts) - 1 else _nullcontext(), acc.autocast():
-            flat, _, entropy = token_logps_with_entropy(
-                model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-            )
+            flat, _, entropy = shared_prefix_logps(model, prompts, groups, pad, entropy=True)
             device = flat.device
             tokens = tokens.to(device)
             logps = torch.zeros(len(idx), cols, device=device).masked_scatter(tokens, flat)  # (n, cols)

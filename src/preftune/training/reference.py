@@ -24,7 +24,7 @@ import torch
 from ..config import TrainConfig
 from ..data import PairExample, collate_pairs
 from ..files import save_safetensors_atomic
-from ..logprobs import sequence_logps, token_logps
+from ..logprobs import sequence_logps, shared_prefix_logps, token_logps
 from ..losses import PAIR_METHODS
 from ..models import is_peft, unwrap_model
 
@@ -73,6 +73,12 @@ class Reference:
         """Per-token log π_ref of the response tokens: (logps (M,), rows (M,)), as ``logprobs.token_logps``."""
         with self._model() as model:
             return token_logps(model, input_ids, attention_mask, response_mask)
+
+    def shared_prefix_logps(self, prompts, groups, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π_ref of each group's completions, the prompt encoded once (``logprobs``)."""
+        with self._model() as model:
+            logps, completion, _ = shared_prefix_logps(model, prompts, groups, pad_token_id)
+            return logps, completion
 
     def sequence_logps(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """log π_ref(y|x) summed over response tokens, (N,) fp32."""

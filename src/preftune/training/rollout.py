@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import PromptExample, pack_sequences
+from ..data import PromptExample
 from ..losses import group_advantages, zero_spread_fraction
 from ..rewards import RewardError, RewardFunction, score_all
 from ..sampling import derive_seed, sample_ids
@@ -57,10 +57,13 @@ class Rollout:
             keep = keep & ~self.truncated[list(idx)]
         return tokens & keep.unsqueeze(1)
 
-    def pack(self, idx: Sequence[int], pad_id: int) -> dict:
-        return pack_sequences(
-            [self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx], pad_id
-        )
+    def groups(self, idx: Sequence[int], group_size: int) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """The prompts of the whole groups in ``idx`` (consecutive completions), and their completions."""
+        idx = list(idx)
+        if idx[0] % group_size or len(idx) % group_size:
+            raise ValueError("a micro-batch must hold whole groups")
+        firsts = idx[::group_size]
+        return [self.prompt_ids[i] for i in firsts], [self.completion_ids[i : i + group_size] for i in firsts]
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -98,16 +101,18 @@ class Rollout:
 
 
 def completion_logps(
-    logps_fn: Callable, rollout: Rollout, pad_id: int, batch_size: int, width: int
+    logps_fn: Callable, rollout: Rollout, pad_id: int, batch_size: int, width: int, group_size: int
 ) -> torch.Tensor:
-    """(N, width) per-token log-probs of every completion under ``logps_fn`` (a no-grad ``token_logps``-like
-    function of (input_ids, attention_mask, response_mask)), computed ``batch_size`` completions at a time."""
+    """(N, width) per-token log-probs of every completion under ``logps_fn`` (a no-grad function of (prompts,
+    groups of completions, pad id) returning flat log-probs like ``logprobs.shared_prefix_logps``), whole
+    groups of about ``batch_size`` completions at a time."""
     n = len(rollout.completion_ids)
+    per_micro = max(1, batch_size // group_size) * group_size
     out = torch.zeros(n, width)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        batch = rollout.pack(idx, pad_id)
-        flat, _ = logps_fn(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    for start in range(0, n, per_micro):
+        idx = list(range(start, min(start + per_micro, n)))
+        prompts, groups = rollout.groups(idx, group_size)
+        flat = logps_fn(prompts, groups, pad_id)[0]
         mask = torch.arange(width).unsqueeze(0) < rollout.lengths(idx).unsqueeze(1)
         out[idx] = torch.zeros(len(idx), width).masked_scatter(mask, flat.detach().float().cpu())
     return out

@@ -18,7 +18,7 @@ from ..config import TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
 from ..losses import PAIR_METHODS
 from ..models import add_lora, load_model, save_model
-from .engine import check_mixed_precision, finite_or_none, make_accelerator
+from .engine import check_mixed_precision, finite_or_none, limit_heap_growth, make_accelerator
 from .loop import evaluate, fit
 from .online import train_grpo
 from .pairs import PairFamily
@@ -159,6 +159,7 @@ def train(
 
     cfg = load_config(config)
     trainer = TRAINERS[cfg.method]
+    limit_heap_growth()
     with stop_signals() as signals:
         prep = prepare(cfg, log)
         run_dir = Path(cfg.training.output_dir)
