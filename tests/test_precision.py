@@ -117,7 +117,9 @@ def test_logprob_head_runs_in_fp32_under_autocast(tiny_tokenizer, monkeypatch, c
             model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
     handle.remove(), norm.remove()
-    assert [shape for shape, _ in seen] == [(0, 0, 32) if chunked else (5, 32)]  # chunked: no logits in the model
+    assert [shape for shape, _ in seen] == [
+        (0, 0, 32) if chunked else (5, 32)
+    ]  # chunked: no logits in the model
     assert chunked or seen[0][1] == torch.float32
     assert logps.dtype == torch.float32 and torch.is_autocast_enabled("cpu") is False
     hidden = captured[0][:, :-1][batch["response_mask"][:, 1:]].float()  # (5, 32), computed in bf16

@@ -50,3 +50,22 @@ def test_dpo_step_on_embedded_model(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
+
+
+def test_shared_prefix_equals_plain_on_the_embedded_model():
+    """The prompt encoded once for both responses gives the plain path's log-probs on the real model too."""
+    import torch
+
+    from preftune.logprobs import pair_sequence_logps
+    from preftune.models import embedded_model_dir, load_model, load_tokenizer
+
+    path = str(embedded_model_dir())
+    tok, model = load_tokenizer(path), load_model(path).eval()
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("The film opens on a quiet street, and"), enc("I saw this movie with my father and")]
+    chosen = [enc(" it was a joy to watch.<|im_end|>"), enc(" we both loved it.")]
+    rejected = [enc(" it was dull."), enc(" we left early, bored and tired.<|im_end|>")]
+    with torch.no_grad():
+        shared = pair_sequence_logps(model, prompts, chosen, rejected, tok.pad_token_id)
+        plain = pair_sequence_logps(model, prompts, chosen, rejected, tok.pad_token_id, share_prefix=False)
+    torch.testing.assert_close(shared, plain, rtol=0, atol=2e-4)

@@ -529,3 +529,23 @@ def test_odpo_without_scores_fails_before_training(tmp_path, tiny_model_dir):
     ):
         train(make_cfg(tiny_model_dir, data, tmp_path / "run", method="odpo"), log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variant", ["full", "lora", "on_the_fly"])
+def test_shared_prefix_training_equals_the_plain_path(tmp_path, tiny_model_dir, data8, variant):
+    """Chosen and rejected share their prompt's encoding: the same steps as the plain (2B, T) batch."""
+    extra = {
+        "full": {},
+        "lora": {"model": {"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}}},
+        "on_the_fly": {"training": {"precompute_ref": False}},
+    }[variant]
+    runs = {}
+    for share in (True, False):
+        sections = merge({"training": {"max_steps": 3, "share_prefix": share}}, extra)
+        runs[share] = train(make_cfg(tiny_model_dir, data8, tmp_path / f"s{share}", **sections), log=quiet)
+    name = "adapter_model.safetensors" if variant == "lora" else "model.safetensors"
+    a, b = (load_file(runs[s] / "model" / name) for s in (True, False))
+    assert_weights_close(a, b, atol=2e-5)
+    for ra, rb in zip(metrics(runs[True]), metrics(runs[False]), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    assert metrics(runs[True])[0]["loss"] == pytest.approx(LN2, abs=1e-6)

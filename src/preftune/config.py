@@ -106,12 +106,11 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     precompute_ref: bool = True  # compute reference log-probs once before training
-    mixed_precision: str = (
-        "no"  # no | bf16 | fp16: autocast over fp32 master weights (fp16: loss scaling, GPU)
-    )
-    skip_nonfinite: bool = (
-        False  # a NaN/inf loss or gradient norm: false = stop naming the records, true = skip the step
-    )
+    # no | bf16 | fp16: autocast over fp32 master weights (fp16: loss scaling, GPU)
+    mixed_precision: str = "no"
+    # a NaN/inf loss or gradient norm: false = stop naming the records, true = skip the step
+    skip_nonfinite: bool = False
+    share_prefix: bool = True  # encode a prompt once for all its responses (pairs, GRPO groups)
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (accelerate trackers)
     progress: bool = True
 

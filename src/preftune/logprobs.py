@@ -247,14 +247,16 @@ def shared_prefix_logps(
     pad_token_id: int,
     *,
     entropy: bool = False,
+    share: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of every completion of ``groups[i]`` after ``prompts[i]``, the prompt encoded once
     per group (:func:`preftune.data.pack_shared_prefix`): returns (logps (M,), completion (M,), entropy (M,)
     or None), in the order :func:`token_logps` gives for the plain batch of (prompt, completion) rows, and
-    equal to it (tested). Models whose attention takes no custom mask get exactly that plain batch."""
+    equal to it (tested). Models whose attention takes no custom mask, and ``share=False``
+    (``training.share_prefix``), get exactly that plain batch."""
     device = device_of(model)
     implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-    if implementation in SHARED_PREFIX_ATTENTION:
+    if share and implementation in SHARED_PREFIX_ATTENTION:
         packed = {k: v.to(device) for k, v in pack_shared_prefix(prompts, groups, pad_token_id).items()}
         allowed = packed["allowed"].unsqueeze(1)  # (B, 1, T, T)
         if implementation == "eager":  # additive mask
@@ -273,6 +275,25 @@ def shared_prefix_logps(
     return _response_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy
     )
+
+
+def pair_sequence_logps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    pad_token_id: int,
+    *,
+    share_prefix: bool = True,
+) -> torch.Tensor:
+    """log π(y|x) of B pairs, (2B,) fp32 ordered [chosen 0..B-1, rejected 0..B-1] (the order of
+    :func:`preftune.data.collate_pairs`). With ``share_prefix`` each prompt is encoded once for both of its
+    responses (:func:`shared_prefix_logps`); else the plain batch of 2B (prompt, response) rows."""
+    n = len(prompts)
+    groups = [[c, r] for c, r in zip(chosen, rejected)]
+    flat, completion, _ = shared_prefix_logps(model, prompts, groups, pad_token_id, share=share_prefix)
+    sums = torch.zeros(2 * n, dtype=torch.float32, device=flat.device).index_add(0, completion, flat)  # (2B,)
+    return sums.view(n, 2).T.reshape(-1)  # [c0, r0, c1, r1, ...] -> [c0, c1, ..., r0, r1, ...]
 
 
 def sequence_logps(

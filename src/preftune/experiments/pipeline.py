@@ -225,7 +225,9 @@ class Experiment:
             reference = build_reference(model, during_training=False)
             pad = self.tokenizer.pad_token_id
             with autocast(t.mixed_precision, self.device):
-                ref = pair_reference_logps(reference, examples, pad, self.cfg.eval.logp_batch_size)
+                ref = pair_reference_logps(
+                    reference, examples, pad, self.cfg.eval.logp_batch_size
+                )  # shared prefix
             save_pair_logps(out / "ref_logps.safetensors", {"train": ref})
             return {"pairs": len(examples), "seconds": time.time() - started}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -113,11 +114,16 @@ def train_grpo(s) -> dict:
                         G, nograd = g.group_size, NO_GRAD_BATCH * t.batch_size  # no activations kept
                         if g.iterations > 1:  # π_old: the policy before this batch's first update
                             rollout.old_logps = completion_logps(
-                                _no_grad(model), rollout, pad, nograd, width, G
+                                _no_grad(model, t.share_prefix), rollout, pad, nograd, width, G
                             )
                         if reference is not None:
                             rollout.ref_logps = completion_logps(
-                                reference.shared_prefix_logps, rollout, pad, nograd, width, G
+                                partial(reference.shared_prefix_logps, share=t.share_prefix),
+                                rollout,
+                                pad,
+                                nograd,
+                                width,
+                                G,
                             )
                     timings["time/old_ref_logps"] = time.perf_counter() - started_logps
                 trained = time.perf_counter()
@@ -187,10 +193,10 @@ def train_grpo(s) -> dict:
     return last
 
 
-def _no_grad(model):
+def _no_grad(model, share: bool):
     def logps(prompts, groups, pad):
         with torch.no_grad():
-            return shared_prefix_logps(model, prompts, groups, pad)
+            return shared_prefix_logps(model, prompts, groups, pad, share=share)
 
     return logps
 
@@ -234,7 +240,9 @@ def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tupl
         cols = int(lengths.max())
         tokens = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (n, cols) completion tokens
         with acc.no_sync(model) if k < len(starts) - 1 else _nullcontext(), acc.autocast():
-            flat, _, entropy = shared_prefix_logps(model, prompts, groups, pad, entropy=True)
+            flat, _, entropy = shared_prefix_logps(
+                model, prompts, groups, pad, entropy=True, share=t.share_prefix
+            )
             device = flat.device
             tokens = tokens.to(device)
             logps = torch.zeros(len(idx), cols, device=device).masked_scatter(tokens, flat)  # (n, cols)

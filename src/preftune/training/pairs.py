@@ -14,11 +14,8 @@ import torch
 
 from ..config import TrainConfig
 from ..data import PairExample, collate_pairs
-from ..logprobs import sequence_logps
 from ..losses import PAIR_METHODS, pair_metrics
-from .reference import Reference
-
-_SEQ_KEYS = ("input_ids", "attention_mask", "response_mask")
+from .reference import Reference, pair_logps
 
 
 class PairFamily:
@@ -33,23 +30,28 @@ class PairFamily:
         self.reference: Reference | None = None  # run on every batch when nothing is precomputed
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
-        batch = collate_pairs([self.examples[split][i] for i in indices], self.pad_token_id)
+        pairs = [self.examples[split][i] for i in indices]
+        batch = collate_pairs(pairs, self.pad_token_id)
+        batch["pairs"] = pairs  # the token ids, for the log-prob path
         if split in self.ref_logps:
             ref = self.ref_logps[split][torch.tensor(indices)]  # (B, 2)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
         return batch
 
     def compute(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, _ = sequence_logps(model, *(batch[k] for k in _SEQ_KEYS))  # (2B,) on the model's device
+        share = self.cfg.training.share_prefix
+        logps = pair_logps(model, batch["pairs"], self.pad_token_id, share)  # (2B,) on the model's device
         b = batch["index"].shape[0]
-        inputs = {k: v.to(logps.device) for k, v in batch.items() if v.dim() == 1}
+        inputs = {
+            k: v.to(logps.device) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 1
+        }
         inputs["policy_chosen_logps"], inputs["policy_rejected_logps"] = logps[:b], logps[b:]
         if not self.method.reference_free and "ref_chosen_logps" not in inputs:
             if self.reference is None:
                 raise RuntimeError(
                     "no reference: the reference log-probs were neither precomputed nor set up"
                 )
-            ref = self.reference.sequence_logps(*(batch[k] for k in _SEQ_KEYS))  # (2B,)
+            ref = self.reference.pair_logps(batch["pairs"], self.pad_token_id, share)  # (2B,)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref[:b], ref[b:]
         out = self.method(inputs, **vars(self.cfg.method_config))
         return out.losses, pair_metrics(out, logps[:b], logps[b:])

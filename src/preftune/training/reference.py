@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import PairExample, collate_pairs
+from ..data import PairExample
 from ..files import save_safetensors_atomic
-from ..logprobs import sequence_logps, shared_prefix_logps, token_logps
+from ..logprobs import pair_sequence_logps, sequence_logps, shared_prefix_logps, token_logps
 from ..losses import PAIR_METHODS
 from ..models import is_peft, unwrap_model
 
@@ -74,11 +74,18 @@ class Reference:
         with self._model() as model:
             return token_logps(model, input_ids, attention_mask, response_mask)
 
-    def shared_prefix_logps(self, prompts, groups, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def shared_prefix_logps(
+        self, prompts, groups, pad_token_id: int, share: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log π_ref of each group's completions, the prompt encoded once (``logprobs``)."""
         with self._model() as model:
-            logps, completion, _ = shared_prefix_logps(model, prompts, groups, pad_token_id)
+            logps, completion, _ = shared_prefix_logps(model, prompts, groups, pad_token_id, share=share)
             return logps, completion
+
+    def pair_logps(self, pairs: Sequence[PairExample], pad_token_id: int, share_prefix: bool) -> torch.Tensor:
+        """(2B,) log π_ref of B pairs, [chosen..., rejected...] (see :func:`pair_logps`)."""
+        with self._model() as model:
+            return pair_logps(model, pairs, pad_token_id, share_prefix)
 
     def sequence_logps(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """log π_ref(y|x) summed over response tokens, (N,) fp32."""
@@ -102,15 +109,34 @@ def build_reference(policy, *, during_training: bool, load_copy: Callable[[], to
     return Reference(policy, "copy", frozen.eval().requires_grad_(False))
 
 
+def pair_logps(
+    model, pairs: Sequence[PairExample], pad_token_id: int, share_prefix: bool = True
+) -> torch.Tensor:
+    """(2B,) log π(y|x) of B pairs under ``model``, [chosen..., rejected...]: the one way pair log-probs are
+    computed, for the policy, the reference on the fly and the precomputed reference alike (so they agree
+    exactly before the first step)."""
+    return pair_sequence_logps(
+        model,
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+        pad_token_id,
+        share_prefix=share_prefix,
+    )
+
+
 def pair_reference_logps(
-    reference: Reference, examples: Sequence[PairExample], pad_token_id: int, batch_size: int
+    reference: Reference,
+    examples: Sequence[PairExample],
+    pad_token_id: int,
+    batch_size: int,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """(N, 2) [chosen, rejected] log π_ref of every pair, fp32 on CPU, in example order (one no-grad pass)."""
     out = torch.empty(len(examples), 2)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = collate_pairs(chunk, pad_token_id)
-        logps = reference.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        logps = reference.pair_logps(chunk, pad_token_id, share_prefix)
         out[start : start + len(chunk)] = logps.view(2, -1).T.float().cpu()  # (2B,) -> (B, 2)
     return out
 

@@ -237,7 +237,7 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
     batch_size, pad = cfg.training.eval_batch_size, prep.tokenizer.pad_token_id
     with s.accelerator.autocast():  # the same compute precision as the policy's log-probs
         family.ref_logps = {
-            split: pair_reference_logps(reference, examples, pad, batch_size)
+            split: pair_reference_logps(reference, examples, pad, batch_size, cfg.training.share_prefix)
             for split, examples in prep.examples.items()
         }
     if s.accelerator.is_main_process:
