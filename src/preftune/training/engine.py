@@ -178,16 +178,36 @@ class Stepper:
         return state["step"]
 
 
-def stop_checkpoint(
-    exc: BaseException, *, consistent: bool, synchronized: bool, accelerator, save, log
-) -> None:
+def end_of_step(
+    step: int, n_steps: int, t: TrainingConfig, row: dict, *, metrics_log, accelerator, signals, evaluate, save,
+    on_step_end,
+) -> None:  # fmt: skip
+    """What every loop does after optimizer step ``step`` (1-based), in order: log the row, evaluate and
+    checkpoint when due (not at the last step: the caller's final evaluation and save do that), call back,
+    and raise the stop a signal asked for, agreed by every process."""
+    if step % t.log_every == 0 or step == n_steps:
+        metrics_log.write(row)
+    if evaluate is not None and t.eval_every and step % t.eval_every == 0 and step < n_steps:
+        metrics_log.write({"step": step, "split": "eval", **evaluate()})
+    if t.save_every and step % t.save_every == 0 and step < n_steps:
+        save(step)
+    if on_step_end is not None:
+        on_step_end(step, row)
+    stop = signals.requested(accelerator)
+    if stop is not None:
+        raise stop
+
+
+def stop_checkpoint(exc: BaseException, *, consistent: bool, accelerator, save, log) -> None:
     """What a loop does when it stops early: checkpoint the last completed step when that is safe, and say so.
 
-    ``consistent``: no optimizer step is half applied. ``synchronized``: every process stops at this same
-    point (a stop agreed through :meth:`StopSignals.requested`, or a non-finite step, which every process sees),
-    so the collective save cannot wait forever on a process that went on. ``save()`` writes the checkpoint.
+    ``consistent``: no optimizer step is half applied. The save is collective, so it is made only where every
+    process stops at this same point — a stop agreed through :meth:`StopSignals.requested`, or a non-finite
+    step, which every process sees — or with one process; else no process waits forever on one that went
+    on. ``save()`` writes the checkpoint.
     """
     kind = type(exc).__name__
+    synchronized = getattr(exc, "agreed", False) or isinstance(exc, NonFiniteError)
     if consistent and (synchronized or accelerator.num_processes == 1):
         path = save()
         if accelerator.is_main_process and path is not None:

@@ -31,6 +31,7 @@ from .engine import (
     NonFiniteError,
     Stepper,
     build_optimizer,
+    end_of_step,
     save_state,
     stop_checkpoint,
     sum_over_processes,
@@ -176,7 +177,6 @@ def fit(
     model.train()
     last: dict = {}
     completed, consistent = start_step, True  # steps applied; no optimizer step half applied
-    stop: KeyboardInterrupt | None = None
     with signals.deferred():
         try:
             for step in range(start_step, n_steps):
@@ -229,37 +229,20 @@ def fit(
                 row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
                 row.update(examples=n_examples, **stepper.metrics())
                 last = row
-                if (step + 1) % t.log_every == 0 or step + 1 == n_steps:
-                    metrics_log.write(row)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}"
                 )
-                if (
-                    eval_fn is not None
-                    and t.eval_every
-                    and (step + 1) % t.eval_every == 0
-                    and step + 1 < n_steps
-                ):
-                    metrics_log.write({"step": step + 1, "split": "eval", **eval_fn(model)})
-                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < n_steps:
-                    save(step + 1)
-                if on_step_end is not None:
-                    on_step_end(step + 1, row)
-                stop = signals.requested(accelerator)
-                if stop is not None:
-                    raise stop
+                end_of_step(
+                    step + 1, n_steps, t, row, metrics_log=metrics_log, accelerator=accelerator, signals=signals,
+                    evaluate=(lambda: eval_fn(model)) if eval_fn is not None else None, save=save,
+                    on_step_end=on_step_end,
+                )  # fmt: skip
         except (KeyboardInterrupt, NonFiniteError) as exc:
             bar.close()
             if completed > start_step:
-                synchronized = exc is stop or isinstance(exc, NonFiniteError)
                 stop_checkpoint(
-                    exc,
-                    consistent=consistent,
-                    synchronized=synchronized,
-                    accelerator=accelerator,
-                    save=lambda: save(completed),
-                    log=log,
+                    exc, consistent=consistent, accelerator=accelerator, save=lambda: save(completed), log=log
                 )
             raise
     bar.close()

@@ -44,6 +44,7 @@ from .engine import (
     NonFiniteError,
     Stepper,
     build_optimizer,
+    end_of_step,
     save_state,
     stop_checkpoint,
     sum_over_processes,
@@ -96,7 +97,7 @@ def train_grpo(s) -> dict:
     )
     model.train()
     last: dict = {}
-    completed, consistent, stop = start_step, True, None
+    completed, consistent = start_step, True
     with s.signals.deferred():
         try:
             for step in range(start_step, n_steps):
@@ -157,35 +158,22 @@ def train_grpo(s) -> dict:
                     **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)},
                 )
                 last = row
-                if (step + 1) % t.log_every == 0 or step + 1 == n_steps:
-                    metrics_log.write(row)
                 due = g.log_completions_every and ((step + 1) % g.log_completions_every == 0 or step == 0)
                 if due and iteration == 0:
                     completions_log.write(step + 1, rollout, examples)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completions/mean_length']:.1f}")
-                if (
-                    evaluator is not None
-                    and t.eval_every
-                    and (step + 1) % t.eval_every == 0
-                    and step + 1 < n_steps
-                ):
-                    metrics_log.write({"step": step + 1, "split": "eval", **evaluator(model)})
-                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < n_steps:
-                    save(step + 1)
-                if s.on_step_end is not None:
-                    s.on_step_end(step + 1, row)
-                stop = s.signals.requested(acc)
-                if stop is not None:
-                    raise stop
+                end_of_step(
+                    step + 1, n_steps, t, row, metrics_log=metrics_log, accelerator=acc, signals=s.signals,
+                    evaluate=(lambda: evaluator(model)) if evaluator is not None else None, save=save,
+                    on_step_end=s.on_step_end,
+                )  # fmt: skip
         except (KeyboardInterrupt, NonFiniteError, RewardError) as exc:
             bar.close()
             if completed > start_step:
-                synchronized = exc is stop or isinstance(exc, NonFiniteError)
                 stop_checkpoint(
-                    exc, consistent=consistent, synchronized=synchronized, accelerator=acc,
-                    save=lambda: save(completed), log=s.log,
-                )  # fmt: skip
+                    exc, consistent=consistent, accelerator=acc, save=lambda: save(completed), log=s.log
+                )
             raise
         bar.close()
         if evaluator is not None:  # held until the model is saved

@@ -56,11 +56,10 @@ class StopSignals:
             ).tolist()
         else:
             total = local
-        if total[1] > 0:
-            return Terminated()
-        if total[0] > 0:
-            return KeyboardInterrupt()
-        return None
+        stop = Terminated() if total[1] > 0 else KeyboardInterrupt() if total[0] > 0 else None
+        if stop is not None:
+            stop.agreed = True  # every process stops at this same point
+        return stop
 
 
 @contextlib.contextmanager
