@@ -72,6 +72,20 @@ def build_tiny_model(tokenizer, seed: int = 0):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_reference_cache(tmp_path_factory):
+    """Reference log-probs cached across runs go to a folder of this test session, not the user's cache."""
+    import os
+
+    previous = os.environ.get("PREFTUNE_REF_CACHE")
+    os.environ["PREFTUNE_REF_CACHE"] = str(tmp_path_factory.mktemp("ref-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PREFTUNE_REF_CACHE", None)
+    else:
+        os.environ["PREFTUNE_REF_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest on one thread; two threads on a busy 2-core machine are ~100x slower."""
     import torch

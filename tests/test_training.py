@@ -549,3 +549,79 @@ def test_shared_prefix_training_equals_the_plain_path(tmp_path, tiny_model_dir, 
     for ra, rb in zip(metrics(runs[True]), metrics(runs[False]), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     assert metrics(runs[True])[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+
+
+def test_reference_log_probs_are_cached_across_runs(tmp_path, tiny_model_dir, data8, monkeypatch, capsys):
+    import preftune.training.run as run_mod
+
+    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(tmp_path / "ref-cache"))  # empty: no other test's entries
+    calls = []
+    real = run_mod.pair_reference_logps
+    monkeypatch.setattr(run_mod, "pair_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logs: list[str] = []
+    first = train(make_cfg(tiny_model_dir, data8, tmp_path / "a"), log=logs.append)
+    assert len(calls) == 1
+    second = train(make_cfg(tiny_model_dir, data8, tmp_path / "b"), log=logs.append)
+    assert len(calls) == 1 and any("from the cache" in line for line in logs)  # the second run computed none
+    assert_weights_close(weights(first / "model"), weights(second / "model"), atol=0)
+    cfg = make_cfg(tiny_model_dir, data8, tmp_path / "c", training={"ref_cache": False})  # --no-ref-cache
+    train(cfg, log=quiet)
+    assert len(calls) == 2
+    other = write_jsonl(tmp_path / "other.jsonl", pair_records(6))  # other data: another key
+    train(make_cfg(tiny_model_dir, other, tmp_path / "d"), log=quiet)
+    assert len(calls) == 3
+    assert (
+        main(
+            ["train", str(_yaml(tmp_path, make_cfg(tiny_model_dir, data8, tmp_path / "e"))), "--no-ref-cache"]
+        )
+        == 0
+    )
+    assert len(calls) == 4
+
+
+def _yaml(tmp_path, cfg):
+    path = tmp_path / f"{Path(cfg.training.output_dir).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_takes_the_same_steps(tmp_path, tiny_model_dir, data8, lora):
+    extra = (
+        {"model": {"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}}} if lora else {}
+    )
+    runs = {}
+    for ckpt in (False, True):
+        sections = merge({"training": {"max_steps": 2, "gradient_checkpointing": ckpt}}, extra)
+        runs[ckpt] = train(make_cfg(tiny_model_dir, data8, tmp_path / f"g{ckpt}", **sections), log=quiet)
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = (load_file(runs[c] / "model" / name) for c in (False, True))
+    assert_weights_close(a, b, atol=1e-5)
+    assert metrics(runs[True])[1]["loss"] == pytest.approx(metrics(runs[False])[1]["loss"], abs=1e-6)
+
+
+def test_group_by_length_sorts_windows_and_pads_less(tmp_path, tiny_model_dir):
+    from preftune.training.loop import StepPlan
+
+    lengths = [3, 50, 7, 42, 5, 30, 9, 61, 2, 44, 8, 37]
+    plan = StepPlan(12, 2, 1, seed=0, lengths=lengths)
+    micro = [m for s in range(plan.steps_per_epoch) for m in plan.step(s)[1]]
+    assert sorted(i for m in micro for i in m) == list(range(12))  # every example, once
+    flat = [lengths[i] for m in micro for i in m]
+    assert flat == sorted(flat, reverse=True)  # one window here: longest first
+    assert micro == [
+        m for s in range(plan.steps_per_epoch) for m in StepPlan(12, 2, 1, 0, lengths=lengths).step(s)[1]
+    ]
+    rows = [
+        {"prompt": f"Review {i}: the movie was", "chosen": " great" * (1 + 6 * (i % 2)), "rejected": " bad" * (1 + 5 * (i % 2))}
+        for i in range(16)
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    shares = {}
+    for grouped in (False, True):
+        sections = {
+            "training": {"max_steps": 4, "batch_size": 4, "group_by_length": grouped, "learning_rate": 1e-4}
+        }
+        run = train(make_cfg(tiny_model_dir, data, tmp_path / f"l{grouped}", **sections), log=quiet)
+        shares[grouped] = sum(r["padding_share"] for r in metrics(run)) / 4
+    assert shares[True] < shares[False]

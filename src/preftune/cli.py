@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="with --resume: accept a changed value of KEY (e.g. training.max_steps); repeatable",
     )
+    p.add_argument(
+        "--no-ref-cache",
+        action="store_true",
+        help="recompute reference log-probs instead of reusing an earlier run's (training.ref_cache=false)",
+    )
     p = sub.add_parser("validate", help="check config, data and model; print what training would do")
     _add_config_args(p)
     p.add_argument("--no-model", action="store_true", help="skip loading the model weights")
@@ -93,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_experiment(load_experiment_config(args.config, args.overrides))
             return 0
-        cfg = load_train_config(args.config, args.overrides)
+        overrides = list(args.overrides) + (
+            ["training.ref_cache=false"] if getattr(args, "no_ref_cache", False) else []
+        )
+        cfg = load_train_config(args.config, overrides)
         if args.command == "show-config":
             print(dump_yaml(cfg.to_dict()), end="")
             return 0

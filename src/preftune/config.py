@@ -111,6 +111,9 @@ class TrainingConfig:
     # a NaN/inf loss or gradient norm: false = stop naming the records, true = skip the step
     skip_nonfinite: bool = False
     share_prefix: bool = True  # encode a prompt once for all its responses (pairs, GRPO groups)
+    ref_cache: bool = True  # reuse precomputed reference log-probs across runs ($PREFTUNE_CACHE/ref_logps)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
+    group_by_length: bool = False  # shuffle, then sort windows of 50 micro-batches by length: less padding
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (accelerate trackers)
     progress: bool = True
 

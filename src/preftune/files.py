@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,38 @@ def to_json(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"cannot serialise object of type {type(obj).__name__}: {obj!r}")
+
+
+# --- what identifies a file's content cheaply -------------------------------------------------------------
+
+SMALL = 8 << 20  # files up to 8 MiB are hashed whole
+EDGE = 1 << 20  # of a larger file, the first and last MiB are hashed, beside its size and mtime_ns
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    path = Path(path)
+    stat = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if stat.st_size <= SMALL:
+            while block := f.read(EDGE):
+                h.update(block)
+            return {"sha256": h.hexdigest()}
+        h.update(f.read(EDGE))
+        f.seek(-EDGE, 2)
+        h.update(f.read(EDGE))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "edges_sha256": h.hexdigest()}
+
+
+def folder_fingerprint(path: str) -> dict | str:
+    """Every (non-hidden) file of a model folder by content; a hub id is identified by its name."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-2:])
+    )
+    return {"path": str(folder), "files": {str(p.relative_to(folder)): file_fingerprint(p) for p in files}}
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

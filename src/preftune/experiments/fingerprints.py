@@ -10,40 +10,12 @@ import hashlib
 import importlib
 import importlib.metadata
 import inspect
-from pathlib import Path
 
-SMALL = 8 << 20  # files up to 8 MiB are hashed whole
-EDGE = 1 << 20  # of a larger file, the first and last MiB are hashed, beside its size and mtime_ns
+from ..files import file_fingerprint, folder_fingerprint
 
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_fingerprint(path: str | Path) -> dict:
-    path = Path(path)
-    stat = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if stat.st_size <= SMALL:
-            while block := f.read(EDGE):
-                h.update(block)
-            return {"sha256": h.hexdigest()}
-        h.update(f.read(EDGE))
-        f.seek(-EDGE, 2)
-        h.update(f.read(EDGE))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "edges_sha256": h.hexdigest()}
-
-
-def folder_fingerprint(path: str) -> dict | str:
-    """Every (non-hidden) file of a model folder by content; a hub id is identified by its name."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-2:])
-    )
-    return {"path": str(folder), "files": {str(p.relative_to(folder)): file_fingerprint(p) for p in files}}
 
 
 def _version(distribution: str) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,8 @@ from .engine import (
 )
 from .signals import StopSignals
 
+LENGTH_WINDOW = 50  # micro-batches per length-sorted window (as transformers' group_by_length)
+
 Compute = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -48,7 +50,10 @@ class StepPlan:
     Epoch e visits ``randperm(n, seed + e)`` in global micro-batches of ``batch_size * world_size``; rank r
     takes every world-th example of each. The last micro-batch of an epoch may be short: a rank whose share
     is empty runs a zero-weight stand-in, so every rank takes the same steps and no example is dropped
-    (``drop_last``, for online prompts: an incomplete last batch waits for the next epoch instead).
+    (``drop_last``, for online prompts: an incomplete last batch waits for the next epoch instead). With
+    ``lengths`` (``training.group_by_length``), each window of :data:`LENGTH_WINDOW` micro-batches of the
+    shuffled order is sorted by length, longest first, so a micro-batch pads little; still a pure function of
+    (seed, epoch), so resume replays it.
     """
 
     n: int
@@ -58,6 +63,7 @@ class StepPlan:
     world_size: int = 1
     rank: int = 0
     drop_last: bool = False
+    lengths: Sequence[int] | None = None  # group by length: sort windows of 50 micro-batches by these
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -74,6 +80,13 @@ class StepPlan:
             gen = torch.Generator().manual_seed(self.seed + epoch)
             perm = torch.randperm(self.n, generator=gen).tolist()
             size = self.batch_size * self.world_size
+            if self.lengths is not None:  # like group_by_length: similar lengths share a micro-batch
+                window = LENGTH_WINDOW * size
+                perm = [
+                    i
+                    for start in range(0, self.n, window)
+                    for i in sorted(perm[start : start + window], key=lambda i: -self.lengths[i])
+                ]
             micro = [perm[i : i + size][self.rank :: self.world_size] for i in range(0, self.n, size)]
             self._cache = {epoch: micro[: self.micro_per_epoch]}
         return self._cache[epoch]
@@ -132,6 +145,7 @@ def fit(
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     on_step_end: Callable[[int, dict], None] | None = None,
     describe: Callable[[list[int]], list[str]] | None = None,
+    lengths: Sequence[int] | None = None,
     log=print,
 ) -> dict:
     """Train ``model`` in place; returns the last logged train metrics.
@@ -143,7 +157,10 @@ def fit(
     """
     t = cfg.training
     world = accelerator.num_processes
-    plan = StepPlan(n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index)
+    plan = StepPlan(
+        n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index,
+        lengths=lengths if t.group_by_length else None,
+    )  # fmt: skip
     n_steps = total_steps(cfg, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(t, params, n_steps)

@@ -153,6 +153,7 @@ def train_grpo(s) -> dict:
                 if g.beta > 0:
                     row["kl"] = sums["kl"] / tokens
                 row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **stepper.metrics())
+                row["padding_share"] = 1.0 - sums["all_tokens"] / max(sums["padded_tokens"], 1.0)
                 row.update(
                     timings,
                     **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)},
@@ -213,7 +214,7 @@ def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tupl
     sums = dict.fromkeys(
         ("loss", "kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region"), 0.0
     )
-    sums.update(tokens=float(full_mask.sum()), all_tokens=0.0)
+    sums.update(tokens=float(full_mask.sum()), all_tokens=0.0, padded_tokens=0.0)
     finite = True
     G = g.group_size
     per_micro = max(1, t.batch_size // G) * G  # whole groups: each prompt is encoded once for its completions
@@ -221,9 +222,12 @@ def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tupl
     for k, start in enumerate(starts):
         idx = list(range(start, min(start + per_micro, n)))
         prompts, groups = rollout.groups(idx, G)
-        sums["all_tokens"] += float(
-            sum(len(p) for p in prompts) + sum(len(rollout.completion_ids[i]) for i in idx)
-        )
+        if t.share_prefix:  # one packed row per group
+            rows = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts, groups)]
+        else:
+            rows = [len(p) + len(c) for p, group in zip(prompts, groups) for c in group]
+        sums["all_tokens"] += float(sum(rows))
+        sums["padded_tokens"] += float(len(rows) * max(rows))
         lengths = rollout.lengths(idx)
         cols = int(lengths.max())
         tokens = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (n, cols) completion tokens

@@ -33,6 +33,11 @@ class PairFamily:
         pairs = [self.examples[split][i] for i in indices]
         batch = collate_pairs(pairs, self.pad_token_id)
         batch["pairs"] = pairs  # the token ids, for the log-prob path
+        if self.cfg.training.share_prefix:  # one packed row per pair
+            rows = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        else:
+            rows = [len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+        batch["padding_share"] = 1.0 - sum(rows) / (len(rows) * max(rows))
         if split in self.ref_logps:
             ref = self.ref_logps[split][torch.tensor(indices)]  # (B, 2)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
@@ -54,4 +59,7 @@ class PairFamily:
             ref = self.reference.pair_logps(batch["pairs"], self.pad_token_id, share)  # (2B,)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref[:b], ref[b:]
         out = self.method(inputs, **vars(self.cfg.method_config))
-        return out.losses, pair_metrics(out, logps[:b], logps[b:])
+        return out.losses, {
+            **pair_metrics(out, logps[:b], logps[b:]),
+            "padding_share": batch["padding_share"],
+        }

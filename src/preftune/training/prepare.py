@@ -31,7 +31,9 @@ class Prepared:
     def summary(self, num_processes: int = 1) -> dict:
         """What training would do with ``num_processes`` processes (each takes ``batch_size`` pairs)."""
         t = self.cfg.training
-        plan = StepPlan(len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed, num_processes)
+        plan = StepPlan(
+            len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed, num_processes
+        )  # no sort needed
         return {
             "method": self.cfg.method,
             "model": self.model_path,

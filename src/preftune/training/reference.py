@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -139,6 +140,36 @@ def pair_reference_logps(
         logps = reference.pair_logps(chunk, pad_token_id, share_prefix)
         out[start : start + len(chunk)] = logps.view(2, -1).T.float().cpu()  # (2B,) -> (B, 2)
     return out
+
+
+def reference_cache_file(
+    cfg: TrainConfig, model_path: str, examples: dict[str, Sequence[PairExample]]
+) -> Path:
+    """Where precomputed reference log-probs of exactly this data, starting model and numerics live across
+    runs: ``$PREFTUNE_CACHE/ref_logps/<key>.safetensors``, the key a hash of the model folder's content, every
+    pair's token ids, the frozen weights' dtype, the mixed precision, prefix sharing and preftune's version."""
+    import hashlib
+    import json
+
+    from .. import __version__
+    from ..files import folder_fingerprint
+    from ..models import cache_dir
+
+    h = hashlib.sha256()
+    for split in sorted(examples):
+        for e in examples[split]:
+            h.update(json.dumps([split, e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    key = {
+        "model": folder_fingerprint(model_path),
+        "data": h.hexdigest(),
+        "dtype": cfg.model.dtype if cfg.model.lora.enabled else "float32",
+        "mixed_precision": cfg.training.mixed_precision,
+        "share_prefix": cfg.training.share_prefix,
+        "preftune": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    root = os.environ.get("PREFTUNE_REF_CACHE")
+    return (Path(root) if root else cache_dir() / "ref_logps") / f"{digest}.safetensors"
 
 
 def load_pair_logps(path: Path, examples: dict[str, Sequence[PairExample]]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from .reference import (
     load_pair_logps,
     needs_reference,
     pair_reference_logps,
+    reference_cache_file,
     save_pair_logps,
 )
 from .reward_model import RewardModelFamily
@@ -81,6 +82,7 @@ def _fit_offline(s: Session, family) -> dict:
         on_step_end=s.on_step_end,
         signals=s.signals,
         describe=lambda idx: [train_examples[i].source for i in idx],
+        lengths=[len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in train_examples],
         log=s.log,
     )
 
@@ -127,6 +129,12 @@ def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
             model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
         else:
             model = add_lora(model, cfg.model.lora, task_type=task)
+    if cfg.training.gradient_checkpointing:  # activations recomputed in the backward (train mode only)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # trained weights are fp32 master weights (LoRA adapters, a reward head kept trainable under LoRA);
     # half precision is storage for frozen weights only, and compute precision is training.mixed_precision
     for param in model.parameters():
@@ -232,6 +240,13 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
         return
     if s.resume_from is not None and not cfg.model.lora.enabled:
         raise RuntimeError(f"{cache} is missing: cannot rebuild reference log-probs from a trained policy")
+    shared = reference_cache_file(cfg, prep.model_path, prep.examples) if cfg.training.ref_cache else None
+    if shared is not None and shared.is_file():  # computed by an earlier run on the same data and model
+        family.ref_logps = load_pair_logps(shared, prep.examples)
+        if s.accelerator.is_main_process:
+            save_pair_logps(cache, family.ref_logps)
+            s.log(f"reference log-probs from the cache ({shared}; --no-ref-cache to recompute)")
+        return
     started = time.time()
     reference = build_reference(s.model, during_training=False)
     batch_size, pad = cfg.training.eval_batch_size, prep.tokenizer.pad_token_id
@@ -242,6 +257,8 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
         }
     if s.accelerator.is_main_process:
         save_pair_logps(cache, family.ref_logps)
+        if shared is not None:
+            save_pair_logps(shared, family.ref_logps)
         n = sum(len(v) for v in prep.examples.values())
         s.log(f"reference log-probs for {n} pairs in {time.time() - started:.1f}s (cached in {cache})")
 

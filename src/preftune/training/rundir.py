@@ -60,6 +60,7 @@ _RESUMABLE_KEYS = {
     "keep_checkpoints",
     "log_every",
     "skip_nonfinite",
+    "ref_cache",
 }
 
 
