@@ -132,8 +132,8 @@ def test_section_of_another_method_is_an_error():
 
 
 def test_bad_method_name():
-    with pytest.raises(ConfigError, match="method 'ppo' is not one of dpo, ipo"):
-        train_config_from_dict({**MINIMAL, "method": "ppo"})
+    with pytest.raises(ConfigError, match="method 'trpo' is not one of dpo, ipo"):
+        train_config_from_dict({**MINIMAL, "method": "trpo"})
 
 
 @pytest.mark.parametrize(

@@ -133,22 +133,34 @@ def test_wrappers_are_seen_through_and_the_fast_path_runs_under_ddp(tiny_tokeniz
     torch.testing.assert_close(sums.detach(), plain, rtol=0, atol=1e-6)
 
 
-def test_grpo_two_processes_equal_one(tmp_path, tiny_model_dir):
+ONLINE = {
+    "grpo": {"group_size": 4, "prompts_per_step": 4, "beta": 0.05},
+    # one minibatch per epoch: the global minibatch is then the same set of prompts for 1 and 2 processes
+    "ppo": {"prompts_per_batch": 4, "epochs": 2, "minibatches": 1, "beta": 0.05, "adaptive_kl": True},
+}
+ONLINE_KEYS = {
+    "grpo": ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std"),
+    "ppo": ("reward", "kl", "kl_coef", "value_loss", "explained_variance", "returns/mean", "grad_norm"),
+}
+
+
+@pytest.mark.parametrize("method", list(ONLINE))
+def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
     """Each process samples whole groups of its prompts (draws keyed by prompt, not by process); the loss is
-    aggregated over the step's tokens on every process: 2 ranks × 2 prompts == 1 process × 4 prompts."""
+    aggregated over the step's tokens on every process, PPO's whitening, KL and value-head gradients over
+    every process: 2 ranks × 2 prompts == 1 process × 4 prompts."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"The movie {i} was"}) + "\n" for i in range(8)))
 
     def cfg(name):
         raw = {
-            "method": "grpo",
+            "method": method,
             "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"train": str(prompts), "max_length": 48, "max_prompt_length": 24},
             "generation": {"max_new_tokens": 6, "batch_size": 16},
-            "training": {"output_dir": str(tmp_path / name), "max_steps": 2, "batch_size": 4,
+            "training": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4,
                          "learning_rate": 1e-2, "progress": False},
-            "grpo": {"group_size": 4, "prompts_per_step": 4, "rewards": [{"name": "regex", "pattern": "e"}],
-                     "beta": 0.05},
+            method: {**ONLINE[method], "rewards": [{"name": "regex", "pattern": "e"}]},
         }  # fmt: skip
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -174,5 +186,8 @@ def test_grpo_two_processes_equal_one(tmp_path, tiny_model_dir):
         for n in ("two", "one")
     ]
     for r2, r1 in zip(*rows, strict=True):
-        for key in ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std"):
-            assert r2[key] == pytest.approx(r1[key], abs=1e-6), key
+        for key in ONLINE_KEYS[method]:
+            assert r2[key] == pytest.approx(r1[key], abs=1e-5, nan_ok=True), key
+    if method == "ppo":
+        a, b = (load_file(tmp_path / n / "value_head.safetensors") for n in ("two", "one"))
+        torch.testing.assert_close(a["linear.weight"], b["linear.weight"], atol=1e-5, rtol=0)

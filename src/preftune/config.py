@@ -180,9 +180,58 @@ class GRPOConfig:
     eval_samples_per_prompt: int = 2  # held-out completions per eval prompt (reward, KL)
     log_completions_every: int = 10  # optimizer steps between completions.jsonl samples; 0 = never
 
+    # what the shared online loop reads (PPO names them differently)
+    @property
+    def prompts_per_batch(self) -> int:
+        return self.prompts_per_step
+
+    @property
+    def completions_per_prompt(self) -> int:
+        return self.group_size
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.iterations
+
+
+@dataclass
+class PPOConfig:
+    """PPO-based RLHF with a value head on the policy's trunk (see :mod:`preftune.losses.ppo` for each piece's
+    equation and docs/methods.md for the critic's design). One batch of ``prompts_per_batch`` ×
+    ``samples_per_prompt`` rollouts serves ``epochs`` × ``minibatches`` optimizer steps."""
+
+    prompts_per_batch: int = 32  # rollouts' prompts per batch of samples, all processes together
+    samples_per_prompt: int = 1  # completions of each prompt (> 1 shares the prompt's encoding)
+    epochs: int = 2  # PPO epochs over each batch of rollouts
+    minibatches: int = 2  # optimizer steps per epoch (the batch is split into this many minibatches)
+    beta: float = 0.05  # KL coefficient of the shaped reward (the initial one when adaptive_kl)
+    kl: str = "k1"  # per-token KL estimator in the reward: k1 (the papers') | k3
+    adaptive_kl: bool = False  # Ziegler et al.'s controller towards target_kl
+    target_kl: float = 6.0  # nats per completion
+    kl_horizon: int = 10000  # completions
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    epsilon: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # value-loss coefficient
+    entropy_coef: float = 0.0  # entropy bonus coefficient (0 = none)
+    whiten_advantages: bool = True
+    value_learning_rate: float | None = None  # the value head's; None = 10 × training.learning_rate
+    rewards: list = field(default_factory=lambda: ["vader"])  # as grpo.rewards: names or mappings
+    eval_samples_per_prompt: int = 2
+    log_completions_every: int = 10
+
+    @property
+    def completions_per_prompt(self) -> int:
+        return self.samples_per_prompt
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.epochs * self.minibatches
+
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-ONLINE_METHODS = ("grpo",)  # trained from prompts and reward functions, with the `generation` section
+ONLINE_METHODS = ("grpo", "ppo")  # trained from prompts and reward functions, with the `generation` section
 
 METHOD_SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
@@ -193,6 +242,7 @@ METHOD_SECTIONS: dict[str, type] = {
     "simpo": SimPOConfig,
     "reward_model": RewardModelConfig,
     "grpo": GRPOConfig,
+    "ppo": PPOConfig,
 }
 
 
@@ -211,6 +261,7 @@ class TrainConfig:
     simpo: SimPOConfig | None = None
     reward_model: RewardModelConfig | None = None
     grpo: GRPOConfig | None = None
+    ppo: PPOConfig | None = None
 
     @property
     def method_config(self) -> Any:
@@ -457,8 +508,35 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
 
 
 def _validate_online(cfg: TrainConfig, bad) -> None:
-    g, gen, t = cfg.grpo, cfg.generation, cfg.training
-    checks = [
+    m, gen, t, name = cfg.method_config, cfg.generation, cfg.training, cfg.method
+    checks = _grpo_checks(m) if name == "grpo" else _ppo_checks(m)
+    checks += [
+        (bool(m.rewards), f"{name}.rewards must name at least one reward function"),
+        (m.eval_samples_per_prompt >= 1, f"{name}.eval_samples_per_prompt must be >= 1"),
+        (m.log_completions_every >= 0, f"{name}.log_completions_every must be >= 0"),
+        (
+            gen.max_new_tokens >= 1 and gen.batch_size >= 1,
+            "generation.max_new_tokens and batch_size must be >= 1",
+        ),
+        (
+            gen.temperature > 0,
+            f"generation.temperature must be > 0 for {name} (it learns from samples of the policy; greedy "
+            "completions are not)",
+        ),
+        (0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}"),
+        (
+            t.grad_accum == 1,
+            f"training.grad_accum is not used by online methods: a step's completions are processed "
+            f"training.batch_size at a time ({name}'s section sets how many there are); leave grad_accum at 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            bad(message)
+
+
+def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
+    return [
         (
             g.group_size >= 2,
             f"grpo.group_size must be >= 2 (group advantages compare completions), got {g.group_size}",
@@ -480,27 +558,36 @@ def _validate_online(cfg: TrainConfig, bad) -> None:
             g.aggregation in ("sequence_mean", "token_mean", "constant"),
             f"grpo.aggregation must be sequence_mean, token_mean or constant, got {g.aggregation!r}",
         ),
-        (bool(g.rewards), "grpo.rewards must name at least one reward function"),
-        (g.eval_samples_per_prompt >= 1, "grpo.eval_samples_per_prompt must be >= 1"),
-        (g.log_completions_every >= 0, "grpo.log_completions_every must be >= 0"),
+    ]
+
+
+def _ppo_checks(p: PPOConfig) -> list[tuple[bool, str]]:
+    return [
+        (p.prompts_per_batch >= 1, f"ppo.prompts_per_batch must be >= 1, got {p.prompts_per_batch}"),
+        (p.samples_per_prompt >= 1, f"ppo.samples_per_prompt must be >= 1, got {p.samples_per_prompt}"),
+        (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
         (
-            gen.max_new_tokens >= 1 and gen.batch_size >= 1,
-            "generation.max_new_tokens and batch_size must be >= 1",
+            p.prompts_per_batch % p.minibatches == 0,
+            f"ppo.prompts_per_batch ({p.prompts_per_batch}) must be a multiple of ppo.minibatches "
+            f"({p.minibatches}): every minibatch takes the same number of prompts",
         ),
+        (p.beta >= 0, f"ppo.beta must be >= 0, got {p.beta}"),
+        (p.kl in ("k1", "k3"), f"ppo.kl must be k1 or k3, got {p.kl!r}"),
         (
-            gen.temperature > 0,
-            "generation.temperature must be > 0 for GRPO (greedy completions of one prompt are identical)",
+            p.target_kl > 0 and p.kl_horizon > 0,
+            "ppo.target_kl and ppo.kl_horizon must be > 0",
         ),
-        (0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}"),
+        (not p.adaptive_kl or p.beta > 0, "ppo.adaptive_kl needs a starting ppo.beta > 0"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+        (0 < p.epsilon < 1, f"ppo.epsilon must be in (0, 1), got {p.epsilon}"),
+        (p.value_clip > 0, f"ppo.value_clip must be > 0, got {p.value_clip}"),
+        (p.vf_coef > 0, f"ppo.vf_coef must be > 0 (the critic must learn), got {p.vf_coef}"),
+        (p.entropy_coef >= 0, f"ppo.entropy_coef must be >= 0, got {p.entropy_coef}"),
         (
-            t.grad_accum == 1,
-            "training.grad_accum is not used by online methods: a step is grpo.prompts_per_step × "
-            "grpo.group_size completions, processed training.batch_size at a time; leave grad_accum at 1",
+            p.value_learning_rate is None or p.value_learning_rate > 0,
+            "ppo.value_learning_rate must be > 0 (or null for 10 × training.learning_rate)",
         ),
     ]
-    for ok, message in checks:
-        if not ok:
-            bad(message)
 
 
 def dump_yaml(data: dict) -> str:

@@ -163,7 +163,8 @@ def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
     if head is None:
         return None
     try:
-        if _plain_linear_head(model, head) and source.numel() * head.weight.shape[0] > CHUNKED_ABOVE:
+        large = source.numel() * head.weight.shape[0] > CHUNKED_ABOVE
+        if _plain_linear_head(model, head) and large and entropy != "grad":
             with _capture_head_input(head, source, shape) as captured:
                 model(**inputs, use_cache=False)
             logps, ent = _ChunkedHeadLogps.apply(captured[0], head.weight, head.bias, targets)
@@ -177,8 +178,42 @@ def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
     return _logps_and_entropy(logits, targets, entropy)
 
 
-def _response_logps(model, input_ids, attention_mask, response_mask, fast: bool, entropy: bool):
-    """(logps (M,), rows (M,), entropy (M,) or None) at the response positions, on the model's device."""
+@contextlib.contextmanager
+def _tap_head_input(model, wanted: bool):
+    """While active (and ``wanted``), the last (N, T, H) input the output head was called with is kept in the
+    yielded list, in the autograd graph: the hidden states a value head reads (PPO's critic). Registered
+    before the fast path's hooks, so it sees the whole input before they narrow it."""
+    store: list[torch.Tensor] = []
+    head = _output_head(model) if wanted else None
+    if wanted and head is None:
+        raise ValueError(
+            "the hidden states need a model with an output-embedding module (get_output_embeddings)"
+        )
+
+    def before(module, args):
+        store[:] = [args[0]]
+
+    handle = head.register_forward_pre_hook(before) if head is not None else None
+    try:
+        yield store
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _hidden_at(store: list[torch.Tensor], source: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The tapped hidden states at ``source`` (M,), flat indices into the (N, T) positions: (M, H)."""
+    if not store or store[0].dim() != 3 or tuple(store[0].shape[:2]) != tuple(shape):
+        raise ValueError("the model's output head was not called once on (N, T, H) hidden states")
+    hidden = store[0]
+    return hidden.reshape(-1, hidden.shape[-1])[source]
+
+
+def _response_logps(
+    model, input_ids, attention_mask, response_mask, fast: bool, entropy: bool, hidden_out: list | None = None
+):
+    """(logps (M,), rows (M,), entropy (M,) or None) at the response positions, on the model's device;
+    with ``hidden_out`` (a list) the hidden states the head read at those positions (M, H) are appended."""
     device = device_of(model)
     input_ids, attention_mask, response_mask = (
         t.to(device) for t in (input_ids, attention_mask, response_mask)
@@ -188,22 +223,27 @@ def _response_logps(model, input_ids, attention_mask, response_mask, fast: bool,
     rows, cols = torch.nonzero(targets_mask, as_tuple=True)  # (M,) each
     n, t = input_ids.shape
     out = None
-    if fast:
-        source = rows * t + cols
-        out = _fast_logps(
-            model, source, (n, t), targets, entropy, input_ids=input_ids, attention_mask=attention_mask
-        )
-    if out is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        out = _logps_and_entropy(logits[:, :-1][targets_mask], targets, entropy)  # (M, V) logits
+    source = rows * t + cols
+    with _tap_head_input(model, hidden_out is not None) as tapped:
+        if fast:
+            out = _fast_logps(
+                model, source, (n, t), targets, entropy, input_ids=input_ids, attention_mask=attention_mask
+            )
+        if out is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            out = _logps_and_entropy(logits[:, :-1][targets_mask], targets, entropy)  # (M, V) logits
+    if hidden_out is not None:
+        hidden_out.append(_hidden_at(tapped, source, (n, t)))
     return out[0], rows, out[1]
 
 
-def _logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+def _logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool | str):
     logp_all = torch.log_softmax(logits.float(), dim=-1)  # (M, V) fp32: one log-softmax serves both
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (M,)
     if not entropy:
         return logps, None
+    if entropy == "grad":  # differentiated (an entropy bonus): the (M, V) product is kept for the backward
+        return logps, -(logp_all.exp() * logp_all).sum(dim=-1)
     rows = max(1, CHUNK_ELEMENTS // max(logp_all.shape[-1], 1))
     with torch.no_grad():  # −Σ_v p_v log p_v, a diagnostic: in chunks, so no (M, V) temporaries
         ent = [-(c.exp() * c).sum(dim=-1) for c in logp_all.detach().split(rows)]
@@ -246,14 +286,17 @@ def shared_prefix_logps(
     groups: Sequence[Sequence[Sequence[int]]],
     pad_token_id: int,
     *,
-    entropy: bool = False,
+    entropy: bool | str = False,
     share: bool = True,
+    hidden_out: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of every completion of ``groups[i]`` after ``prompts[i]``, the prompt encoded once
     per group (:func:`preftune.data.pack_shared_prefix`): returns (logps (M,), completion (M,), entropy (M,)
     or None), in the order :func:`token_logps` gives for the plain batch of (prompt, completion) rows, and
     equal to it (tested). Models whose attention takes no custom mask, and ``share=False``
-    (``training.share_prefix``), get exactly that plain batch."""
+    (``training.share_prefix``), get exactly that plain batch. ``entropy="grad"`` gives an entropy that is
+    differentiated (a loss term, never the chunked head); ``True`` a detached diagnostic. With ``hidden_out`` (a list), the hidden states
+    the head read at the same positions (M, H) are appended to it (PPO's value head reads them)."""
     device = device_of(model)
     implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
     if share and implementation in SHARED_PREFIX_ATTENTION:
@@ -264,16 +307,20 @@ def shared_prefix_logps(
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )
-        out = _fast_logps(
-            model, packed["source"], tuple(packed["input_ids"].shape), packed["targets"], entropy,
-            input_ids=packed["input_ids"], attention_mask=allowed, position_ids=packed["position_ids"],
-        )  # fmt: skip
+        shape = tuple(packed["input_ids"].shape)
+        with _tap_head_input(model, hidden_out is not None) as tapped:
+            out = _fast_logps(
+                model, packed["source"], shape, packed["targets"], entropy,
+                input_ids=packed["input_ids"], attention_mask=allowed, position_ids=packed["position_ids"],
+            )  # fmt: skip
         if out is not None:
+            if hidden_out is not None:
+                hidden_out.append(_hidden_at(tapped, packed["source"], shape))
             return out[0], packed["completion"], out[1]
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     batch = pack_sequences(flat_prompts, [c for group in groups for c in group], pad_token_id)
     return _response_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy
+        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy, hidden_out
     )
 
 

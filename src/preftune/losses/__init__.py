@@ -3,7 +3,8 @@
 Pair methods are registered in :data:`PAIR_METHODS` by their config ``method:`` name, each with the named
 inputs its loss takes (which also says whether it needs a reference model); the Bradley-Terry reward-model
 loss is separate (it takes scores, not log-probs); ``policy_gradient`` holds the online methods' pieces
-(group advantages, the clipped ratio, KL estimators); ``reduction`` turns unreduced per-example or per-token
+(group advantages, the clipped ratio, KL estimators) and ``ppo`` PPO's (KL-shaped rewards, GAE,
+whitening, the clipped value loss, the adaptive KL coefficient); ``reduction`` turns unreduced per-example or per-token
 losses into a step's loss.
 See docs/methods.md for the index.
 """
@@ -34,6 +35,17 @@ from preftune.losses.policy_gradient import (
     kl_penalty,
     zero_spread_fraction,
 )
+from preftune.losses.ppo import (
+    PPO_KL_ESTIMATORS,
+    adaptive_kl_coef,
+    clipped_value_loss,
+    explained_variance,
+    explained_variance_from_sums,
+    gae,
+    kl_shaped_rewards,
+    masked_mean_var,
+    whiten,
+)
 from preftune.losses.reduction import AGGREGATIONS, aggregate, example_mean
 from preftune.losses.reward_model import bradley_terry_loss
 
@@ -51,6 +63,15 @@ __all__ = [
     "grpo_token_loss",
     "kl_penalty",
     "zero_spread_fraction",
+    "PPO_KL_ESTIMATORS",
+    "adaptive_kl_coef",
+    "clipped_value_loss",
+    "explained_variance",
+    "explained_variance_from_sums",
+    "gae",
+    "kl_shaped_rewards",
+    "masked_mean_var",
+    "whiten",
     "ODPO_OFFSETS",
     "PAIR_LOSSES",
     "PAIR_METHODS",

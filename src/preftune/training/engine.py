@@ -79,8 +79,9 @@ def _adamw(params, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=False, **kwargs)
 
 
-def build_optimizer(t: TrainingConfig, params: list[torch.nn.Parameter], n_steps: int):
-    """AdamW over ``params`` and the learning-rate schedule of ``training`` over ``n_steps`` optimizer steps."""
+def build_optimizer(t: TrainingConfig, params: list, n_steps: int):
+    """AdamW over ``params`` (parameters, or parameter groups: dicts that may set their own ``lr``) and the
+    learning-rate schedule of ``training`` over ``n_steps`` optimizer steps (each group's rate follows it)."""
     from transformers import get_scheduler
 
     optimizer = _adamw(params, lr=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.adam_betas))
@@ -124,6 +125,7 @@ class Stepper:
         )  # fmt: skip
         self.nonfinite_skipped = 0
         self.scaler_skipped = 0
+        self.restored: dict = {}
         self._scaler_streak = 0
 
     def step(self, finite_loss: bool = True) -> StepOutcome:
@@ -173,6 +175,7 @@ class Stepper:
     def restore(self, resume_from: Path) -> int:
         """Optimizer, scheduler, loss scaler, RNG and counters from a checkpoint; returns its step."""
         state = restore_state(resume_from, self.accelerator, self.optimizer, self.scheduler)
+        self.restored = state  # the whole trainer state, for what a loop keeps beside the counters
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.scaler_skipped = state.get("loss_scale_skipped", 0)
         return state["step"]

@@ -1,32 +1,31 @@
-"""The online loop (GRPO and its variants), beside the offline one and built from the same engine.
+"""The online loop, shared by GRPO and PPO, beside the offline one and built from the same engine.
 
-One optimizer step takes ``grpo.prompts_per_step`` (P) prompts × ``grpo.group_size`` (G) completions; a batch
-of samples serves ``grpo.iterations`` (μ) optimizer steps::
+A method (:class:`OnlineMethod`: ``grpo.py``, ``ppo.py``) says what it adds to a batch of samples and how
+it trains on it; the loop is the same for both. One batch of samples is ``prompts_per_batch`` prompts ×
+``completions_per_prompt`` completions and serves ``updates_per_batch`` optimizer steps (GRPO: μ =
+``grpo.iterations``; PPO: ``ppo.epochs`` × ``ppo.minibatches``)::
 
     for step in steps:
-        if a new batch is due (every μ steps):
-            rollout = sample G completions of each of this process's P/W prompts, score them, advantages;
-                      π_old log-probs (μ > 1) and π_ref log-probs (β > 0), no grad
-        for micro-batches of training.batch_size completions:
-            per-token GRPO loss (losses.grpo_token_loss), aggregated over the whole step (losses.aggregate)
-            backward
+        if a new batch is due (every updates_per_batch steps):
+            rollout = sample the completions of this process's prompts and score them (rollout.py)
+            method.prepare(rollout): no-grad passes (π_old, π_ref, values) and advantages
+        method.train_step(rollout, iteration): micro-batches of training.batch_size completions, backward
         one guarded optimizer step (engine.Stepper); metrics; completions.jsonl; eval; checkpoint;
         a stop requested by a signal, agreed by every process (signals.py)
 
-At μ = 1 π_old is the detached current policy, so ρ = 1 exactly and no extra forward pass is made; the
-logged loss then sits near 0 (it is −mean Â, and advantages are centred) while its gradient is the
-advantage-weighted log-prob gradient. Sampling draws on seeds derived from (seed, batch, process), so a
-resumed run samples what the uninterrupted run would; a checkpoint between the μ steps of a batch keeps the
-rollout. Evaluation samples ``grpo.eval_samples_per_prompt`` completions of each held-out prompt with a fixed
-seed (the same draws at every evaluation, so steps compare paired) and reports the mean reward and the
-sequence KL to π_ref, both with prompt-clustered standard errors; step 0 is the starting model.
+Sampling draws on seeds derived from (seed, batch, process), so a resumed run samples what the uninterrupted
+run would; a checkpoint between the updates of a batch keeps the rollout, and the method's own state (PPO's
+value head and KL coefficient). Evaluation samples ``eval_samples_per_prompt`` completions of each held-out
+prompt with a fixed seed (the same draws at every evaluation, so steps compare paired) and reports the mean
+reward and the sequence KL to π_ref, both with prompt-clustered standard errors; step 0 is the starting model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from functools import partial
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ from tqdm.auto import tqdm
 from .. import metrics as M
 from ..data import pack_sequences
 from ..logprobs import sequence_logps, shared_prefix_logps
-from ..losses import aggregate, clip_fractions, grpo_token_loss
 from ..models import load_model, unwrap_model
 from ..rewards import RewardError, score_all
 from ..sampling import derive_seed, sample_ids
@@ -51,29 +49,71 @@ from .engine import (
     trim_jsonl,
 )
 from .reference import Reference, build_reference
-from .rollout import Rollout, collect_rollout, completion_logps
+from .rollout import Rollout, collect_rollout
 
-NO_GRAD_BATCH = 4  # no-grad passes (π_old, π_ref) take 4 × training.batch_size completions at a time
+NO_GRAD_BATCH = 4  # no-grad passes (π_old, π_ref, values) take 4 × training.batch_size completions at a time
 
 
-def train_grpo(s) -> dict:
-    """GRPO on the prompts of ``s`` (a :class:`preftune.training.run.Session`); returns the last train row."""
-    cfg, g, t = s.cfg, s.cfg.grpo, s.cfg.training
+class OnlineMethod:
+    """What a method adds to the online loop. ``s`` is the run's :class:`preftune.training.run.Session`,
+    ``reference`` π_ref (None when β = 0)."""
+
+    def __init__(self, s, reference: Reference | None):
+        self.s, self.reference = s, reference
+
+    def param_groups(self, params: list[torch.nn.Parameter]) -> list:
+        """The optimizer's parameter groups: the model's trainable ``params`` and the method's own."""
+        return params
+
+    def extra_params(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters beside the model's (clipped and stepped with them)."""
+        return []
+
+    def prepare(self, model, rollout: Rollout) -> None:
+        """Fill in what training on ``rollout`` needs besides the samples (no grad, under autocast)."""
+        raise NotImplementedError
+
+    def train_step(self, model, rollout: Rollout, iteration: int) -> tuple[dict[str, float], bool]:
+        """Backward over the completions of update ``iteration`` of this batch; returns metric sums (with
+        ``all_tokens`` and ``padded_tokens``) and whether every loss was finite on every process."""
+        raise NotImplementedError
+
+    def row(self, sums: dict[str, float], rollout: Rollout) -> dict:
+        """The step's method-specific metrics from the (process-summed) ``sums``."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON state a checkpoint keeps (restored by :meth:`load`)."""
+        return {}
+
+    def save(self, folder: Path) -> None:
+        """Write the method's tensors into a checkpoint folder or the run directory."""
+
+    def load(self, folder: Path, state: dict) -> None:
+        """Restore from a checkpoint folder and its trainer state."""
+
+
+def train_online(s, method_class: type[OnlineMethod]) -> dict:
+    """An online method on the prompts of ``s`` (a :class:`preftune.training.run.Session`); returns the last
+    train row."""
+    cfg, m, t = s.cfg, s.cfg.method_config, s.cfg.training
     acc, prep = s.accelerator, s.prep
     tokenizer = prep.tokenizer
-    pad, width = tokenizer.pad_token_id, cfg.generation.max_new_tokens
     examples = prep.examples["train"]
     plan = prep.plan(acc.num_processes, acc.process_index)
     n_steps = prep.total_steps(acc.num_processes)
-    reference = _reference(s) if g.beta > 0 else None
+    updates = m.updates_per_batch
+    reference = _reference(s) if m.beta > 0 else None
+    method = method_class(s, reference)
     params = [p for p in s.model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(t, params, n_steps)
+    optimizer, scheduler = build_optimizer(t, method.param_groups(params), n_steps)
     model, optimizer = acc.prepare(s.model, optimizer)
-    stepper = Stepper(acc, optimizer, scheduler, params, t)
+    stepper = Stepper(acc, optimizer, scheduler, params + method.extra_params(), t)
     start_step, rollout = 0, None
     if s.resume_from is not None:
         start_step = stepper.restore(s.resume_from)
-        rollout = Rollout.load(s.resume_from) if start_step % g.iterations else None
+        method.load(s.resume_from, stepper.restored)
+        rollout = Rollout.load(s.resume_from) if start_step % updates else None
         s.log(f"resumed from {s.resume_from} at step {start_step}/{n_steps}")
     metrics_log = MetricsLog(s.run_dir / "metrics.jsonl", acc, keep_until_step=start_step)
     completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
@@ -86,10 +126,16 @@ def train_grpo(s) -> dict:
         return "prompts " + "; ".join(names[:5]) + (f"; ... ({len(names)} in all)" if len(names) > 5 else "")
 
     def save(step: int) -> Path | None:
-        mid_batch = step % g.iterations and rollout is not None and rollout.batch == step // g.iterations
+        mid_batch = step % updates and rollout is not None and rollout.batch == step // updates
+
+        def extra(folder: Path) -> None:
+            method.save(folder)
+            if mid_batch:
+                rollout.save(folder)
+
         return save_state(
-            s.run_dir, step, acc, model, tokenizer, optimizer, scheduler, t.keep_checkpoints, stepper.state(),
-            extra=rollout.save if mid_batch else None,
+            s.run_dir, step, acc, model, tokenizer, optimizer, scheduler, t.keep_checkpoints,
+            {**stepper.state(), **method.state()}, extra=extra,
         )  # fmt: skip
 
     bar = tqdm(
@@ -102,7 +148,7 @@ def train_grpo(s) -> dict:
         try:
             for step in range(start_step, n_steps):
                 began = time.perf_counter()
-                batch_index, iteration = divmod(step, g.iterations)
+                batch_index, iteration = divmod(step, updates)
                 timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
                 if rollout is None or iteration == 0:
                     _, (indices,) = plan.step(batch_index)
@@ -112,23 +158,10 @@ def train_grpo(s) -> dict:
                     )  # fmt: skip
                     started_logps = time.perf_counter()
                     with acc.autocast():
-                        G, nograd = g.group_size, NO_GRAD_BATCH * t.batch_size  # no activations kept
-                        if g.iterations > 1:  # π_old: the policy before this batch's first update
-                            rollout.old_logps = completion_logps(
-                                _no_grad(model, t.share_prefix), rollout, pad, nograd, width, G
-                            )
-                        if reference is not None:
-                            rollout.ref_logps = completion_logps(
-                                partial(reference.shared_prefix_logps, share=t.share_prefix),
-                                rollout,
-                                pad,
-                                nograd,
-                                width,
-                                G,
-                            )
+                        method.prepare(model, rollout)
                     timings["time/old_ref_logps"] = time.perf_counter() - started_logps
                 trained = time.perf_counter()
-                sums, finite = _train_step(model, rollout, cfg, acc, pad, width)
+                sums, finite = method.train_step(model, rollout, iteration)
                 consistent = False
                 try:
                     outcome = stepper.step(finite_loss=finite)
@@ -141,17 +174,8 @@ def train_grpo(s) -> dict:
                 completed, consistent = step + 1, True
                 now = time.perf_counter()
                 sums = sum_over_processes(acc, sums)
-                tokens = max(sums["tokens"], 1.0)
                 row = {"step": step + 1, "split": "train", "epoch": batch_index // plan.steps_per_epoch}
-                row.update(loss=sums["loss"], **rollout.stats)
-                row.update(
-                    {
-                        k: sums[k] / tokens
-                        for k in ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
-                    }
-                )
-                if g.beta > 0:
-                    row["kl"] = sums["kl"] / tokens
+                row.update(rollout.stats, **method.row(sums, rollout))
                 row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **stepper.metrics())
                 row["padding_share"] = 1.0 - sums["all_tokens"] / max(sums["padded_tokens"], 1.0)
                 row.update(
@@ -159,7 +183,7 @@ def train_grpo(s) -> dict:
                     **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)},
                 )
                 last = row
-                due = g.log_completions_every and ((step + 1) % g.log_completions_every == 0 or step == 0)
+                due = m.log_completions_every and ((step + 1) % m.log_completions_every == 0 or step == 0)
                 if due and iteration == 0:
                     completions_log.write(step + 1, rollout, examples)
                 bar.update(1)
@@ -179,10 +203,14 @@ def train_grpo(s) -> dict:
         bar.close()
         if evaluator is not None:  # held until the model is saved
             metrics_log.write({"step": n_steps, "split": "eval", **evaluator(model)})
+        if acc.is_main_process:
+            method.save(s.run_dir)  # beside model/ (PPO's value head); nothing for GRPO
     return last
 
 
-def _no_grad(model, share: bool):
+def no_grad_logps(model, share: bool):
+    """A no-grad (prompts, groups, pad) -> flat log-probs function of ``model`` (π_old's pass)."""
+
     def logps(prompts, groups, pad):
         with torch.no_grad():
             return shared_prefix_logps(model, prompts, groups, pad, share=share)
@@ -201,26 +229,22 @@ def _reference(s) -> Reference:
     )
 
 
-def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tuple[dict[str, float], bool]:
-    """Backward over this process's completions, in micro-batches; returns token-weighted metric sums and
-    whether every loss was finite on every process."""
-    g, t = cfg.grpo, cfg.training
-    n = len(rollout.completion_ids)
-    full_mask = rollout.loss_mask(range(n), width, g.mask_truncated)
-    counts = sum_over_processes(
-        acc, {"tokens": float(full_mask.sum()), "sequences": float(full_mask.any(dim=1).sum())}
-    )
-    n_tokens, n_sequences = int(counts["tokens"]), max(int(counts["sequences"]), 1)
-    sums = dict.fromkeys(
-        ("loss", "kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region"), 0.0
-    )
-    sums.update(tokens=float(full_mask.sum()), all_tokens=0.0, padded_tokens=0.0)
-    finite = True
-    G = g.group_size
-    per_micro = max(1, t.batch_size // G) * G  # whole groups: each prompt is encoded once for its completions
-    starts = list(range(0, n, per_micro))
+def micro_batches(
+    model, rollout: Rollout, order: Sequence[int], s, sums: dict[str, float], *, entropy=True, value_head=None
+) -> Iterator[dict]:
+    """Forward passes over the completions ``order`` (whole groups, each group's completions consecutive), in
+    micro-batches of about ``training.batch_size`` completions (whole groups: each prompt is encoded once for
+    its completions). Each yields, on the model's device, ``idx`` (completion indices), ``cols`` (the longest
+    completion), ``tokens`` (n, cols) bool, ``logps`` (n, cols) and ``entropy`` (n, cols) (0 off ``tokens``),
+    and with ``value_head`` its ``values`` (n, cols). The caller's loss and backward run inside the
+    micro-batch's contexts (autocast; DDP's no_sync but for the last); the padding counts go into ``sums``."""
+    cfg, acc = s.cfg, s.accelerator
+    t, G, pad = cfg.training, cfg.method_config.completions_per_prompt, s.prep.tokenizer.pad_token_id
+    order = list(order)
+    per_micro = max(1, t.batch_size // G) * G
+    starts = list(range(0, len(order), per_micro))
     for k, start in enumerate(starts):
-        idx = list(range(start, min(start + per_micro, n)))
+        idx = order[start : start + per_micro]
         prompts, groups = rollout.groups(idx, G)
         if t.share_prefix:  # one packed row per group
             rows = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts, groups)]
@@ -230,57 +254,34 @@ def _train_step(model, rollout: Rollout, cfg, acc, pad: int, width: int) -> tupl
         sums["padded_tokens"] += float(len(rows) * max(rows))
         lengths = rollout.lengths(idx)
         cols = int(lengths.max())
-        tokens = torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)  # (n, cols) completion tokens
-        with acc.no_sync(model) if k < len(starts) - 1 else _nullcontext(), acc.autocast():
-            flat, _, entropy = shared_prefix_logps(
-                model, prompts, groups, pad, entropy=True, share=t.share_prefix
+        sync = acc.no_sync(model) if k < len(starts) - 1 else contextlib.nullcontext()
+        with sync, acc.autocast():
+            hidden: list | None = [] if value_head is not None else None
+            flat, _, ent = shared_prefix_logps(
+                model, prompts, groups, pad, entropy=entropy, share=t.share_prefix, hidden_out=hidden
             )
             device = flat.device
-            tokens = tokens.to(device)
-            logps = torch.zeros(len(idx), cols, device=device).masked_scatter(tokens, flat)  # (n, cols)
-            old = logps.detach() if rollout.old_logps is None else rollout.old_logps[idx, :cols].to(device)
-            ref = None if rollout.ref_logps is None else rollout.ref_logps[idx, :cols].to(device)
-            adv = rollout.advantages[idx].to(device)
-            mask = rollout.loss_mask(idx, cols, g.mask_truncated).to(device)
-            per_token, ratio, kl_t = grpo_token_loss(
-                logps,
-                old,
-                adv,
-                eps_low=g.epsilon_low,
-                eps_high=g.epsilon_high,
-                beta=g.beta,
-                ref_logps=ref,
-                kl=g.kl,
-            )
-            loss = aggregate(
-                per_token, mask, g.aggregation, n_sequences=n_sequences, n_tokens=n_tokens, max_length=width
-            )
-            finite = finite and bool(torch.isfinite(loss))
-            acc.backward(loss * acc.num_processes)  # DDP averages over processes
-        m = mask.float()
-        ent = torch.zeros(len(idx), cols, device=device).masked_scatter(tokens, entropy)
-        sums["loss"] += float(loss.detach())
-        sums["entropy"] += float((ent * m).sum())
-        if kl_t is not None:
-            sums["kl"] += float((kl_t.detach() * m).sum())
-        tok = float(m.sum())
-        for key, value in clip_fractions(
-            ratio.detach(), adv, mask, eps_low=g.epsilon_low, eps_high=g.epsilon_high
-        ).items():
-            sums[key] += value * tok
-    bad = sum_over_processes(acc, {"bad": float(not finite)})["bad"]
-    return sums, bad == 0
+            tokens = (torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
+            out = {"idx": idx, "cols": cols, "tokens": tokens, "logps": _spread(flat, tokens)}
+            out["entropy"] = _spread(ent, tokens) if ent is not None else None
+            if value_head is not None:
+                out["values"] = _spread(value_head(hidden[0]), tokens)
+            yield out
 
 
-def _nullcontext():
-    import contextlib
+def _spread(flat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values (M,) into their (n, cols) places; 0 elsewhere (keeps the autograd graph)."""
+    return torch.zeros(tokens.shape, dtype=flat.dtype, device=flat.device).masked_scatter(tokens, flat)
 
-    return contextlib.nullcontext()
+
+def all_finite(acc, finite: bool) -> bool:
+    """Whether ``finite`` holds on every process."""
+    return sum_over_processes(acc, {"bad": float(not finite)})["bad"] == 0
 
 
 class _CompletionsLog:
     """``completions.jsonl``: every N steps, each completion of the main process's batch with its prompt,
-    rewards (total and per function) and advantage."""
+    rewards (total and per function) and advantage (PPO: of the completion's first token)."""
 
     def __init__(self, path: Path, accelerator, *, keep_until_step: int):
         self.path, self.accelerator = path, accelerator
@@ -301,10 +302,14 @@ class _CompletionsLog:
                     "completion": text,
                     "reward": None if reward != reward else reward,
                     "rewards": {name: values[i] for name, values in rollout.per_function.items()},
-                    "advantage": float(rollout.advantages[i]),
+                    "advantage": _first(rollout.advantages[i]),
                     "tokens": len(rollout.completion_ids[i]),
                 }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _first(advantage: torch.Tensor) -> float:
+    return float(advantage.reshape(-1)[0]) if advantage.numel() else 0.0
 
 
 class _Evaluator:
@@ -330,14 +335,14 @@ class _Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, base: bool = False) -> dict[str, float]:
-        s, g = self.s, self.s.cfg.grpo
+        s = self.s
         tok, acc = s.prep.tokenizer, s.accelerator
-        k = g.eval_samples_per_prompt
+        k = s.cfg.method_config.eval_samples_per_prompt
         net = unwrap_model(model)
         with acc.autocast():
             groups = sample_ids(
                 net, [e.prompt_ids for e in self.examples], k, s.cfg.generation, eos_id=tok.eos_token_id,
-                pad_id=tok.pad_token_id, seed=derive_seed(s.cfg.training.seed, "grpo-eval"),
+                pad_id=tok.pad_token_id, seed=derive_seed(s.cfg.training.seed, f"{s.cfg.method}-eval"),
             )  # fmt: skip
         ids = [c for group in groups for c in group]
         texts = [tok.decode(c, skip_special_tokens=True) for c in ids]

@@ -60,23 +60,31 @@ class PreparedPrompts:
     rewards: list[RewardFunction]
 
     def plan(self, num_processes: int = 1, rank: int = 0) -> StepPlan:
-        """Sampling batches over the prompts: each process takes prompts_per_step / num_processes per batch."""
-        g = self.cfg.grpo
-        if g.prompts_per_step % num_processes:
+        """Sampling batches over the prompts: each process takes prompts_per_batch / num_processes per batch."""
+        m, name = self.cfg.method_config, self.cfg.method
+        per_batch = m.prompts_per_batch
+        key = "prompts_per_step" if name == "grpo" else "prompts_per_batch"
+        if per_batch % num_processes:
             raise ConfigError(
-                f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of processes "
+                f"{name}.{key} ({per_batch}) must be a multiple of the number of processes "
                 f"({num_processes}): each process samples whole groups"
             )
-        per_rank = g.prompts_per_step // num_processes
+        if name == "ppo" and (per_batch // num_processes) % m.minibatches:
+            raise ConfigError(
+                f"ppo.prompts_per_batch ({per_batch}) must be a multiple of ppo.minibatches × processes "
+                f"({m.minibatches} × {num_processes}): every process splits its prompts into the minibatches"
+            )
+        per_rank = per_batch // num_processes
         return StepPlan(len(self.examples["train"]), per_rank, 1, self.cfg.training.seed, num_processes, rank)
 
     def total_steps(self, num_processes: int = 1) -> int:
-        """Optimizer steps: training.max_steps, or epochs over the prompts × grpo.iterations."""
-        t = self.cfg.training
-        return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * self.cfg.grpo.iterations
+        """Optimizer steps: training.max_steps, or epochs over the prompts × the updates per batch of samples
+        (grpo.iterations; ppo.epochs × ppo.minibatches)."""
+        t, m = self.cfg.training, self.cfg.method_config
+        return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * m.updates_per_batch
 
     def summary(self, num_processes: int = 1) -> dict:
-        g = self.cfg.grpo
+        m = self.cfg.method_config
         return {
             "method": self.cfg.method,
             "model": self.model_path,
@@ -88,9 +96,10 @@ class PreparedPrompts:
             "processes": num_processes,
             "optimizer_steps": self.total_steps(num_processes),
             "sample_batches_per_epoch": self.plan(num_processes).steps_per_epoch,
-            "completions_per_step": g.prompts_per_step * g.group_size,
+            "completions_per_batch": m.prompts_per_batch * m.completions_per_prompt,
+            "optimizer_steps_per_batch": m.updates_per_batch,
             "reference": "none (beta = 0)"
-            if g.beta == 0
+            if m.beta == 0
             else "adapters disabled"
             if self.cfg.model.lora.enabled
             else "frozen copy",
@@ -170,7 +179,7 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
                 f"{split} prompts ({cfg.data.train if split == 'train' else cfg.data.eval}) are empty"
             )
         validate_prompt_rows(split_rows_)
-    rewards = [load_reward(spec) for spec in cfg.grpo.rewards]
+    rewards = [load_reward(spec) for spec in cfg.method_config.rewards]
     seen: dict[str, int] = {}
     for f in rewards:  # unique names: they key the per-function metrics
         seen[f.name] = seen.get(f.name, 0) + 1

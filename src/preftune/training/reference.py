@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ONLINE_METHODS, TrainConfig
 from ..data import PairExample
 from ..files import save_safetensors_atomic
 from ..logprobs import pair_sequence_logps, sequence_logps, shared_prefix_logps, token_logps
@@ -36,8 +36,8 @@ def needs_reference(cfg: TrainConfig) -> bool:
     """Whether the method of ``cfg`` uses π_ref at all (the one place this is decided)."""
     if cfg.method in PAIR_METHODS:
         return not PAIR_METHODS[cfg.method].reference_free
-    if cfg.method == "grpo":
-        return cfg.grpo.beta > 0  # the KL term; at β = 0 no reference is loaded or run
+    if cfg.method in ONLINE_METHODS:
+        return cfg.method_config.beta > 0  # the KL term; at β = 0 no reference is loaded or run
     return False  # reward_model
 
 

@@ -1,6 +1,7 @@
-"""One batch of online samples, a *rollout*: this process's prompts → G completions each → rewards →
-group advantages, plus the per-token log-probs the loss needs besides the policy's own: π_old's when one
-batch serves several optimizer steps (μ > 1) and π_ref's when β > 0.
+"""One batch of online samples, a *rollout*: this process's prompts → G completions each → rewards, then what
+the method adds before training on it (GRPO: group advantages; PPO: values, KL-shaped rewards, GAE): the
+per-token log-probs the loss needs besides the policy's own (π_old's when one batch serves several optimizer
+steps, π_ref's when β > 0), the advantages, and PPO's values and returns.
 
 Rewards are computed before any training forward pass. Per-token quantities are stored completion-aligned,
 (N, L_max) with L_max = generation.max_new_tokens: column t is the t-th completion token. A rollout is saved
@@ -20,7 +21,6 @@ import torch
 
 from ..config import TrainConfig
 from ..data import PromptExample
-from ..losses import group_advantages, zero_spread_fraction
 from ..rewards import RewardError, RewardFunction, score_all
 from ..sampling import derive_seed, sample_ids
 from .engine import sum_over_processes
@@ -35,11 +35,15 @@ class Rollout:
     completions: list[str]
     rewards: torch.Tensor  # (N,) float64, NaN where no function gave a reward
     per_function: dict[str, list]  # function name -> (N,) rewards (None where it gave none)
-    advantages: torch.Tensor  # (N,)
     truncated: torch.Tensor  # (N,) bool: cut at max_new_tokens (no EOS)
-    old_logps: torch.Tensor | None = None  # (N, L_max), μ > 1
+    advantages: torch.Tensor | None = None  # GRPO (N,); PPO (N, L_max)
+    old_logps: torch.Tensor | None = None  # (N, L_max): several optimizer steps per batch
     ref_logps: torch.Tensor | None = None  # (N, L_max), β > 0
+    values: torch.Tensor | None = None  # (N, L_max), PPO: V(s_t) of the rollout's policy
+    returns: torch.Tensor | None = None  # (N, L_max), PPO: GAE returns
     stats: dict = field(default_factory=dict)  # batch-level metrics (all processes)
+
+    TENSORS = ("rewards", "truncated", "advantages", "old_logps", "ref_logps", "values", "returns")
 
     @property
     def valid(self) -> torch.Tensor:
@@ -69,10 +73,7 @@ class Rollout:
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {"rewards": self.rewards, "advantages": self.advantages, "truncated": self.truncated}
-        for name in ("old_logps", "ref_logps"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
+        tensors = {name: getattr(self, name) for name in self.TENSORS if getattr(self, name) is not None}
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "rollout.safetensors")
         meta = {
             k: getattr(self, k)
@@ -90,32 +91,34 @@ class Rollout:
 
         tensors = load_file(folder / "rollout.safetensors")
         meta = json.loads((folder / "rollout.json").read_text())
-        return cls(
-            **meta,
-            rewards=tensors["rewards"],
-            advantages=tensors["advantages"],
-            truncated=tensors["truncated"],
-            old_logps=tensors.get("old_logps"),
-            ref_logps=tensors.get("ref_logps"),
-        )
+        return cls(**meta, **{name: tensors.get(name) for name in cls.TENSORS})
 
 
 def completion_logps(
-    logps_fn: Callable, rollout: Rollout, pad_id: int, batch_size: int, width: int, group_size: int
-) -> torch.Tensor:
-    """(N, width) per-token log-probs of every completion under ``logps_fn`` (a no-grad function of (prompts,
-    groups of completions, pad id) returning flat log-probs like ``logprobs.shared_prefix_logps``), whole
-    groups of about ``batch_size`` completions at a time."""
+    logps_fn: Callable,
+    rollout: Rollout,
+    pad_id: int,
+    batch_size: int,
+    width: int,
+    group_size: int,
+    *,
+    outputs: int = 1,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """(N, width) per-token values of every completion under ``logps_fn``, a no-grad function of (prompts,
+    groups of completions, pad id) returning flat per-token tensors like ``logprobs.shared_prefix_logps``
+    (log-probs first; with ``outputs`` > 1 the first ``outputs`` of its results, e.g. log-probs and values,
+    each becomes an (N, width) tensor); whole groups of about ``batch_size`` completions at a time."""
     n = len(rollout.completion_ids)
     per_micro = max(1, batch_size // group_size) * group_size
-    out = torch.zeros(n, width)
+    out = [torch.zeros(n, width) for _ in range(outputs)]
     for start in range(0, n, per_micro):
         idx = list(range(start, min(start + per_micro, n)))
         prompts, groups = rollout.groups(idx, group_size)
-        flat = logps_fn(prompts, groups, pad_id)[0]
+        flats = logps_fn(prompts, groups, pad_id)
         mask = torch.arange(width).unsqueeze(0) < rollout.lengths(idx).unsqueeze(1)
-        out[idx] = torch.zeros(len(idx), width).masked_scatter(mask, flat.detach().float().cpu())
-    return out
+        for k in range(outputs):
+            out[k][idx] = torch.zeros(len(idx), width).masked_scatter(mask, flats[k].detach().float().cpu())
+    return out[0] if outputs == 1 else tuple(out)
 
 
 def collect_rollout(
@@ -130,13 +133,15 @@ def collect_rollout(
     batch: int,
     describe: Callable[[list[int]], str],
 ) -> tuple[Rollout, dict[str, float]]:
-    """Sample, score and compute advantages for this process's prompts ``indices`` of sampling batch
-    ``batch``; returns the rollout and its timings (``time/generate``, ``time/score``)."""
-    g, gen = cfg.grpo, cfg.generation
-    G = g.group_size
+    """Sample and score ``completions_per_prompt`` completions of each of this process's prompts ``indices``
+    of sampling batch ``batch``; returns the rollout (no advantages yet) and its timings (``time/generate``,
+    ``time/score``)."""
+    gen = cfg.generation
+    G = cfg.method_config.completions_per_prompt
     prompts = [examples[i] for i in indices]
     started = time.perf_counter()
-    seed = derive_seed(cfg.training.seed, "grpo-train", batch)  # draws keyed by prompt: process-independent
+    # draws keyed by prompt: process-independent
+    seed = derive_seed(cfg.training.seed, f"{cfg.method}-train", batch)
     with accelerator.autocast():
         groups = sample_ids(
             model, [p.prompt_ids for p in prompts], G, gen, eos_id=tokenizer.eos_token_id,
@@ -166,8 +171,6 @@ def collect_rollout(
             "n": float(valid.sum()),
             "sum": float(ok.sum()),
             "sumsq": float((ok * ok).sum()),
-            "zero_std": zero_spread_fraction(torch.nan_to_num(reward), G, valid) * len(prompts),
-            "groups": float(len(prompts)),
             "length": float(sum(len(c) for c in completion_ids)),
             "completions": float(len(completion_ids)),
             "truncated": float(sum(not c or c[-1] != tokenizer.eos_token_id for c in completion_ids)),
@@ -183,13 +186,9 @@ def collect_rollout(
     n = max(sums["n"], 1.0)
     mean = sums["sum"] / n
     var = max(sums["sumsq"] / n - mean * mean, 0.0) * (n / max(n - 1.0, 1.0))  # unbiased
-    advantages = group_advantages(
-        torch.nan_to_num(reward), G, scale=g.scale, baseline=g.baseline, valid=valid, batch_std=math.sqrt(var)
-    )
     stats = {
         "reward": mean,
         "reward_std": math.sqrt(var),
-        "frac_reward_zero_std": sums["zero_std"] / sums["groups"],
         "completions/mean_length": sums["length"] / sums["completions"],
         "completions/clipped_ratio": sums["truncated"] / sums["completions"],
         **{
@@ -205,7 +204,6 @@ def collect_rollout(
         completions=completions,
         rewards=reward,
         per_function=per_function,
-        advantages=advantages.float(),
         truncated=truncated,
         stats=stats,
     )

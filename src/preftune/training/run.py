@@ -19,9 +19,10 @@ from ..files import write_json_atomic, write_text_atomic
 from ..losses import PAIR_METHODS
 from ..models import add_lora, load_model, save_model
 from .engine import check_mixed_precision, finite_or_none, limit_heap_growth, make_accelerator
+from .grpo import train_grpo
 from .loop import evaluate, fit
-from .online import train_grpo
 from .pairs import PairFamily
+from .ppo import train_ppo
 from .prepare import Prepared, PreparedPrompts, prepare
 from .reference import (
     build_reference,
@@ -105,6 +106,7 @@ TRAINERS: dict[str, Callable[[Session], dict]] = {
     **dict.fromkeys(PAIR_METHODS, train_pairs),
     "reward_model": train_reward_model,
     "grpo": train_grpo,
+    "ppo": train_ppo,
 }
 
 
