@@ -4,7 +4,8 @@
 - :func:`sequence_kl`: the sequence-level KL(π_θ‖π_ref) estimate of the DPO paper §6.1.
 - :func:`win_rate`: policy vs base reward, paired by prompt and sample slot.
 - :func:`avg_logp_agreement`: SimPO's diagnostic (Meng et al. 2024, arXiv 2405.14734,
-  §2.2): how often the length-averaged log-likelihood ranks a pair like the preference.
+  §2.2): how often the length-averaged log-likelihood ranks a pair like the preference;
+  :func:`proportion_se` the standard error of such a share.
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def win_rate_and_se(
     b = _as_array(base_rewards, "base_rewards")
     _same_length(p, b, "win_rate(policy_rewards, base_rewards)")
     return mean_and_se((p > b) + 0.5 * (p == b), clusters)
+
+
+def proportion_se(successes: int, n: int) -> float:
+    """Standard error of a share of ``n`` independent yes/no outcomes, √(p̃(1 − p̃)/n) with the share shrunk
+    to p̃ = (successes + 1)/(n + 2), so that all or none of a few outcomes does not read as certain (the plain
+    √(p(1 − p)/n) is 0 there).
+    Example: 32 of 64 -> p̃ 0.5, se 0.0625; 3 of 3 -> p̃ 0.8, se √(0.16/3) = 0.231.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"proportion_se: need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    shrunk = (successes + 1) / (n + 2)
+    return math.sqrt(shrunk * (1 - shrunk) / n)
 
 
 def avg_logp_agreement(

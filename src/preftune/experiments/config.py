@@ -1,8 +1,10 @@
-"""Experiment configuration: typed sections, built-in presets (``quick``, ``full``) and overrides.
+"""Experiment configuration: typed sections, built-in presets (``quick``, ``sweep``, ``paper``, ``full``) and
+overrides.
 
 The training runs of an experiment are ordinary :class:`preftune.config.TrainConfig` objects built from
 ``train`` (shared settings) plus one ``methods`` entry per method and beta, so every key is checked by
-the same code as ``preftune train``.
+the same code as ``preftune train``. :func:`plan_runs` lists every (method, beta, pairs setting, seed) run
+with its stage names; the pipeline, the validation here and the tests all read that one list.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ..config import (
     read_yaml,
     train_config_from_dict,
 )
+from .pairs import MODES as PAIR_MODES
 
-PRESETS = ("quick", "sweep", "full")
+PRESETS = ("quick", "sweep", "paper", "full")
 
 
 @dataclass
@@ -41,9 +44,10 @@ class SampleConfig(GenerationConfig):
     k: int = 4  # responses per training prompt
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairsConfig:
     mode: str = "all"  # all | best_vs_worst
+    max_pairs: int | None = None  # keep the first N pairs after a shuffle seeded by `seed` (None = all)
 
 
 @dataclass
@@ -72,6 +76,9 @@ class MethodRun:
     options: dict = field(default_factory=dict)  # other keys of the method's section (alpha, gamma, ...)
     training: dict = field(default_factory=dict)  # overrides of the shared `train` settings for this method
     generation: dict = field(default_factory=dict)  # online methods: overrides of the `sample` settings
+    pairs: dict = field(
+        default_factory=dict
+    )  # offline methods: overrides of the experiment's `pairs` section
 
 
 @dataclass
@@ -85,7 +92,8 @@ class EvalConfig(GenerationConfig):
 class ExperimentConfig:
     name: str = "sentiment"
     output_dir: str = "experiments/sentiment"
-    seed: int = 0
+    seed: int = 0  # the data's seed (training samples, pairs subsets) and the run seed when `seeds` is absent
+    seeds: list[int] | None = None  # each training run and its evaluation repeated per seed; None = [seed]
     model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"
     reward: str = "vader"  # vader | module:function | reward_model:PATH
@@ -103,7 +111,7 @@ def _preset_path(name: str) -> Path:
 
 
 def load_experiment_config(spec: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """``spec`` is a preset name (quick, full) or a YAML path."""
+    """``spec`` is a preset name (:data:`PRESETS`) or a YAML path."""
     path = _preset_path(spec) if spec in PRESETS and not Path(spec).exists() else Path(spec)
     raw = apply_overrides(read_yaml(path), overrides or [])
     return experiment_config_from_dict(raw, source=str(spec))
@@ -120,8 +128,9 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         raise ConfigError(f"{source}: {exc}") from None
     if not cfg.methods:
         raise ConfigError(f"{source}: methods must list at least one method")
-    if cfg.pairs.mode not in ("all", "best_vs_worst") or cfg.eval.pairs_mode not in ("all", "best_vs_worst"):
-        raise ConfigError(f"{source}: pairs.mode / eval.pairs_mode must be all or best_vs_worst")
+    if cfg.eval.pairs_mode not in PAIR_MODES:
+        raise ConfigError(f"{source}: eval.pairs_mode must be all or best_vs_worst")
+    _check_pairs(cfg.pairs, f"{source}: pairs")
     if cfg.eval.temperature != 1.0 or cfg.eval.top_p != 1.0:
         raise ConfigError(
             f"{source}: eval.temperature and eval.top_p must be 1.0: the KL estimate needs samples from the "
@@ -129,26 +138,142 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         )
     if cfg.sample.k < 2:
         raise ConfigError(f"{source}: sample.k must be >= 2 to build pairs, got {cfg.sample.k}")
+    if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
+        raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
     for i, run in enumerate(cfg.methods):
-        if run.method == "reward_model":
-            raise ConfigError(
-                f"{source}: methods[{i}]: reward_model trains a scorer, not a policy, so it cannot be sampled "
-                "and evaluated here; train it with `preftune train` and use it as `reward: reward_model:PATH`"
-            )
+        _check_method(cfg, run, f"{source}: methods[{i}] ({run.method})")
     names: set[str] = set()
-    for run in cfg.methods:  # build every training config now: bad keys fail before any sampling
-        for beta in run.betas:
-            train_config(cfg, run, beta, output_dir="unused")
-            name = run_name(run, beta)
-            if name in names:
-                raise ConfigError(f"{source}: two runs are both named {name!r}; give them different options")
-            names.add(name)
+    for planned in plan_runs(cfg):  # build every training config now: bad keys fail before any sampling
+        train_config(cfg, planned.run, planned.beta, output_dir="unused", seed=planned.seed)
+        if planned.name in names:
+            raise ConfigError(
+                f"{source}: two runs are both named {planned.name!r}; give them different options"
+            )
+        names.add(planned.name)
     return cfg
 
 
-def run_name(run: MethodRun, beta: float) -> str:
+def _check_pairs(pairs: PairsConfig, where: str) -> None:
+    if pairs.mode not in PAIR_MODES:
+        raise ConfigError(f"{where}.mode must be all or best_vs_worst, got {pairs.mode!r}")
+    if pairs.max_pairs is not None and pairs.max_pairs < 1:
+        raise ConfigError(f"{where}.max_pairs must be >= 1 (or null for all pairs), got {pairs.max_pairs}")
+
+
+def _check_method(cfg: ExperimentConfig, run: MethodRun, where: str) -> None:
+    """What a `methods` entry may not say: checks that need the experiment around the entry."""
+    if run.method == "reward_model":
+        raise ConfigError(
+            f"{where}: reward_model trains a scorer, not a policy, so it cannot be sampled "
+            "and evaluated here; train it with `preftune train` and use it as `reward: reward_model:PATH`"
+        )
+    if "seed" in run.training:
+        raise ConfigError(
+            f"{where}: training.seed is set by the experiment (`seed`, or one run per entry of `seeds`); "
+            "remove it from the methods entry"
+        )
+    if run.pairs and run.method in ONLINE_METHODS:
+        raise ConfigError(
+            f"{where}: `pairs` is for offline methods only; {run.method} trains online from the training "
+            "prompts and the reward, not from preference pairs"
+        )
+    if run.pairs:
+        _check_pairs(run_pairs(cfg, run, where), f"{where}: pairs")
+
+
+def experiment_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The seeds each training run and its evaluation are repeated over: ``seeds``, or ``[seed]``."""
+    return list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+
+
+def run_pairs(cfg: ExperimentConfig, run: MethodRun, where: str = "methods entry") -> PairsConfig | None:
+    """The pairs a run trains on: the experiment's `pairs` with the entry's `pairs` keys on top; None for
+    an online method (it trains from prompts)."""
+    if run.method in ONLINE_METHODS:
+        return None
+    try:
+        return build_dataclass(PairsConfig, {**vars(cfg.pairs), **run.pairs}, prefix=f"{where}: pairs")
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def pairs_suffix(default: PairsConfig, pairs: PairsConfig | None) -> str:
+    """How a pairs setting differs from the experiment's default, as a name suffix: ``""`` (the same),
+    ``"-all"``, ``"-n64"``, ``"-all-n64"``, ``"-nall"`` (no cap where the default has one)."""
+    if pairs is None:
+        return ""
+    parts = [pairs.mode] if pairs.mode != default.mode else []
+    if pairs.max_pairs != default.max_pairs:
+        parts.append("nall" if pairs.max_pairs is None else f"n{pairs.max_pairs}")
+    return "".join(f"-{p}" for p in parts)
+
+
+def run_name(run: MethodRun, beta: float, suffix: str = "") -> str:
+    """``<method><options><pairs suffix>-beta<β>``, e.g. ``odpo-alpha1.0-offsetlog-all-n48-beta0.1``."""
     extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()) if k != "rewards")
-    return f"{run.method}{extra}-beta{beta:g}"
+    return f"{run.method}{extra}{suffix}-beta{beta:g}"
+
+
+def seed_suffix(seed: int, seeds: list[int]) -> str:
+    """``-seed<s>`` when the experiment has several seeds; nothing for one seed (today's stage names, so
+    runs cached before `seeds` existed are reused)."""
+    return f"-seed{seed}" if len(seeds) > 1 else ""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the experiment and where it lives.
+
+    ``label`` names the (method, options, pairs, beta) across seeds: one results row per label.
+    ``name`` is the stage name under ``train/`` and ``eval/`` (``label`` plus ``-seed<s>`` with several
+    seeds). ``pairs`` is None for online methods; ``pairs_variant`` is the pairs suffix without its dash
+    (None on the experiment's default pairs)."""
+
+    name: str
+    label: str
+    run: MethodRun
+    beta: float
+    seed: int
+    pairs: PairsConfig | None
+    pairs_variant: str | None
+
+    @property
+    def pairs_stage(self) -> str | None:
+        """The stage holding this run's pairs (``pairs`` or ``pairs-<variant>``); None for online runs."""
+        return None if self.pairs is None else stage_with_variant("pairs", self.pairs_variant)
+
+    @property
+    def reference_stage(self) -> str | None:
+        return None if self.pairs is None else stage_with_variant("reference", self.pairs_variant)
+
+
+def stage_with_variant(stage: str, variant: str | None) -> str:
+    return stage if variant is None else f"{stage}-{variant}"
+
+
+def plan_runs(cfg: ExperimentConfig) -> list[PlannedRun]:
+    """Every training run of the experiment, seed-major: every run of the first seed, then the next seed's
+    (so an interrupted experiment has whole seeds trained)."""
+    seeds = experiment_seeds(cfg)
+    planned = []
+    for seed in seeds:
+        for run in cfg.methods:
+            pairs = run_pairs(cfg, run)
+            suffix = pairs_suffix(cfg.pairs, pairs)
+            for beta in run.betas:
+                label = run_name(run, beta, suffix)
+                planned.append(
+                    PlannedRun(
+                        name=label + seed_suffix(seed, seeds),
+                        label=label,
+                        run=run,
+                        beta=beta,
+                        seed=seed,
+                        pairs=pairs,
+                        pairs_variant=suffix[1:] or None,
+                    )
+                )
+    return planned
 
 
 def _split_method(entry: Any, i: int, source: str) -> dict:
@@ -160,7 +285,7 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
         out["betas"] = entry.pop("betas")
     if "beta" in entry:
         raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
-    for section in ("training", "generation"):
+    for section in ("training", "generation", "pairs"):
         if section in entry:
             out[section] = entry.pop(section)
     out["options"] = entry
@@ -173,8 +298,11 @@ def train_dtype(cfg: ExperimentConfig) -> str:
     return cfg.dtype if cfg.train.lora.enabled else "float32"
 
 
-def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_dir: str) -> TrainConfig:
-    """The ``preftune train`` config of one (method, beta) run on the experiment's pairs."""
+def train_config(
+    cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_dir: str, seed: int | None = None
+) -> TrainConfig:
+    """The ``preftune train`` config of one (method, beta, seed) run on the experiment's pairs (the data file
+    is a placeholder; the pipeline points it at the run's pairs). ``seed`` defaults to the experiment's."""
     t = cfg.train
     online = run.method in ONLINE_METHODS
     raw = {
@@ -187,7 +315,7 @@ def train_config(cfg: ExperimentConfig, run: MethodRun, beta: float, *, output_d
         },
         "training": {
             "output_dir": output_dir,
-            "seed": cfg.seed,
+            "seed": cfg.seed if seed is None else seed,
             "batch_size": t.batch_size,
             "grad_accum": t.grad_accum,
             "epochs": t.epochs,

@@ -19,15 +19,19 @@ scores carry no preference and are dropped (``ties_dropped``: such pairs in ``"a
 mode; in ``"best_vs_worst"`` mode, 1 per prompt whose remaining responses all tie).
 Order is deterministic: records in input order, then response index pairs (i, j),
 i < j, in lexicographic order.
+
+:func:`subsample_pairs` keeps a fixed-size subset (the "little data" runs of the ODPO paper): the first N
+pairs after a seeded shuffle, so the subset is the same on every machine and rerun.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 MODES = ("all", "best_vs_worst")
 
-__all__ = ["MODES", "build_pairs"]
+__all__ = ["MODES", "build_pairs", "subsample_pairs"]
 
 
 def _unique(record: dict, index: int) -> tuple[list[str], list[float], int]:
@@ -104,3 +108,17 @@ def build_pairs(records: list[dict], mode: str = "all") -> tuple[list[dict], dic
         "duplicates_dropped": duplicates,
     }
     return rows, stats
+
+
+def subsample_pairs(rows: list, max_pairs: int | None, seed: int) -> list:
+    """The first ``max_pairs`` rows after a shuffle seeded by ``seed``, kept in their original order.
+
+    A random subset rather than the first N rows, which would be the first few prompts only; seeded, so the
+    subset is fixed. ``None`` or a cap of at least ``len(rows)`` keeps every row.
+    Example: 5 rows, max_pairs 2 -> two of the five rows, the same two for the same seed.
+    """
+    if max_pairs is None or max_pairs >= len(rows):
+        return list(rows)
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:max_pairs])]

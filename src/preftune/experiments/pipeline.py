@@ -13,6 +13,13 @@ Evaluation (per model, on held-out prompts): N samples per prompt at the samplin
 and slot, reward as judge); and SimPO's diagnostic: the share of held-out preference pairs (built from the
 base model's held-out samples) whose average log-likelihood ordering under the model agrees with the
 reward ordering.
+
+Seeds (``seeds: [0, 1, 2]``): the prompts, samples and pairs are shared (the data is fixed); each training
+run and its evaluation is repeated per seed (``training.seed`` is the seed, the evaluation's sampling seed
+derives from it), and so is the base model's evaluation, so that a trained model and the base model of one
+seed are judged on samples drawn with the same random numbers. ``results.csv`` then holds one row per run with
+the mean and standard error over seeds (``results_by_seed.csv`` the per-seed rows), and ``claims.json`` the
+papers' claims decided from those numbers (:mod:`preftune.experiments.claims`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 from pathlib import Path
 
 from .. import metrics as M
-from ..config import ONLINE_METHODS, TrainConfig
+from ..config import TrainConfig
 from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..logprobs import score_responses
 from ..losses import PAIR_METHODS
@@ -38,11 +45,30 @@ from ..rewards import RewardError, load_reward
 from ..sampling import derive_seed, generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
-from .config import ExperimentConfig, MethodRun, load_experiment_config, run_name, train_config, train_dtype
+from .claims import claims_markdown, evaluate_claims, format_claims
+from .config import (
+    ExperimentConfig,
+    PairsConfig,
+    PlannedRun,
+    experiment_seeds,
+    load_experiment_config,
+    plan_runs,
+    seed_suffix,
+    stage_with_variant,
+    train_config,
+    train_dtype,
+)
 from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint, text_sha256
-from .pairs import build_pairs
+from .pairs import build_pairs, subsample_pairs
 from .prompts import load_prompts
-from .report import format_table, plot_frontier, plot_training_curves, write_report_md, write_results
+from .report import (
+    aggregate_seeds,
+    format_table,
+    plot_frontier,
+    plot_training_curves,
+    write_report_md,
+    write_results,
+)
 from .stages import read_stage, run_stage
 
 __all__ = ["load_experiment_config", "run_experiment"]
@@ -64,6 +90,11 @@ def pairs_with_ids(records: list[dict], mode: str) -> tuple[list[dict], dict]:
             )
             rows.append(row)
     return rows, stats
+
+
+def probe_config(cfg: ExperimentConfig, p: PlannedRun) -> TrainConfig:
+    """A run's training config with no absolute paths (what its fingerprint holds: folders stay movable)."""
+    return train_config(cfg, p.run, p.beta, output_dir="run", seed=p.seed)
 
 
 def uses_pair_reference(tcfg: TrainConfig) -> bool:
@@ -180,30 +211,39 @@ class Experiment:
             ),
         )
 
-    def pairs(self) -> None:
+    def pairs(self, pairs: PairsConfig, variant: str | None = None) -> None:
+        """One stage per pairs setting: ``pairs`` (the experiment's) or ``pairs-<variant>`` (a methods entry's
+        own), fingerprinted by the setting; a capped setting keeps a fixed random subset of the pairs."""
+
         def fn(out: Path) -> dict:
             records = read_jsonl(self.root / "samples" / "samples.jsonl")
-            rows, stats = pairs_with_ids(records, self.cfg.pairs.mode)
+            rows, stats = pairs_with_ids(records, pairs.mode)
             kept = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()]
             stats["empty_dropped"] = len(rows) - len(kept)
-            stats["pairs"] = len(kept)
             if not kept:
                 raise RuntimeError(f"no preference pairs: every prompt's responses tied ({stats})")
+            if pairs.max_pairs is not None:
+                stats["pairs_before_cap"] = len(kept)
+                kept = subsample_pairs(kept, pairs.max_pairs, derive_seed(self.cfg.seed, "pairs"))
+            stats["pairs"] = len(kept)
             write_jsonl_atomic(out / "pairs.jsonl", kept)
             return stats
 
-        inputs = {"samples": self._fp("samples"), "mode": self.cfg.pairs.mode, "format": "with-token-ids"}
-        self._stage("pairs", inputs, fn)
+        inputs = {"samples": self._fp("samples"), "mode": pairs.mode, "format": "with-token-ids"}
+        if pairs.max_pairs is not None:  # absent otherwise: uncapped stages keep their earlier fingerprints
+            inputs.update(max_pairs=pairs.max_pairs, subset_seed=self.cfg.seed)
+        self._stage(stage_with_variant("pairs", variant), inputs, fn)
 
-    def _train_cfg(self, run: MethodRun, beta: float, output_dir: Path) -> TrainConfig:
-        tcfg = train_config(self.cfg, run, beta, output_dir=str(output_dir))
-        online = run.method in ONLINE_METHODS
-        tcfg.data.train = str(self.root / ("prompts/train.txt" if online else "pairs/pairs.jsonl"))
+    def _train_cfg(self, p: PlannedRun, output_dir: Path) -> TrainConfig:
+        tcfg = train_config(self.cfg, p.run, p.beta, output_dir=str(output_dir), seed=p.seed)
+        data = "prompts/train.txt" if p.pairs_stage is None else f"{p.pairs_stage}/pairs.jsonl"
+        tcfg.data.train = str(self.root / data)
         tcfg.model.name_or_path = self.model_path
         return tcfg
 
-    def reference(self) -> None:
-        """Reference log-probs of every pair under the starting model, shared by all runs."""
+    def reference(self, pairs_stage: str = "pairs", name: str = "reference") -> None:
+        """Reference log-probs of every pair of one pairs stage under the starting model, shared by all runs
+        on those pairs."""
         from ..data import load_rows, tokenize_rows, validate_rows
         from ..training.reference import build_reference, pair_reference_logps, save_pair_logps
 
@@ -211,7 +251,7 @@ class Experiment:
         dtype = train_dtype(self.cfg)  # computed like the training runs: their weights, their autocast
 
         def fn(out: Path) -> dict:
-            rows = load_rows(self.root / "pairs" / "pairs.jsonl")
+            rows = load_rows(self.root / pairs_stage / "pairs.jsonl")
             validate_rows(rows)
             examples, _ = tokenize_rows(
                 rows, self.tokenizer, max_length=t.max_length, max_prompt_length=t.max_prompt_length
@@ -232,52 +272,49 @@ class Experiment:
             return {"pairs": len(examples), "seconds": time.time() - started}
 
         inputs = {
-            "pairs": self._fp("pairs"),
+            "pairs": self._fp(pairs_stage),
             "model": self.model_id,
             "dtype": dtype,
             "mixed_precision": t.mixed_precision,
             "max_length": t.max_length,
             "max_prompt_length": t.max_prompt_length,
         }
-        self._stage("reference", inputs, fn)
+        self._stage(name, inputs, fn)
 
-    def train_runs(self) -> list[tuple[str, MethodRun, float]]:
+    def train_runs(self, planned: list[PlannedRun]) -> None:
         from ..training import train
 
-        done = []
-        for run in self.cfg.methods:
-            for beta in run.betas:
-                name = run_name(run, beta)
-                stage = f"train/{name}"
-                probe = train_config(self.cfg, run, beta, output_dir="run")  # no absolute paths: movable
-                config = probe.to_dict()
-                config["training"].pop("progress")  # display only
-                inputs = {"model": self.model_id, "config": config}
-                if run.method in ONLINE_METHODS:  # trained online: the prompts and the reward, not the pairs
-                    inputs.update(prompts=self._fp("prompts"), reward=self.reward_id)
-                else:
-                    inputs["pairs"] = self._fp("pairs")
-                if uses_pair_reference(probe):
-                    inputs["reference"] = self._fp("reference")
+        for p in planned:
+            probe = probe_config(self.cfg, p)
+            config = probe.to_dict()
+            config["training"].pop("progress")  # display only
+            inputs = {"model": self.model_id, "config": config}
+            if p.pairs_stage is None:  # trained online: the prompts and the reward, not the pairs
+                inputs.update(prompts=self._fp("prompts"), reward=self.reward_id)
+            else:
+                inputs["pairs"] = self._fp(p.pairs_stage)
+            if uses_pair_reference(probe):
+                inputs["reference"] = self._fp(p.reference_stage)
 
-                def fn(out: Path, run=run, beta=beta) -> dict:
-                    tcfg = self._train_cfg(run, beta, out / "run")
-                    shared = self.root / "reference" / "ref_logps.safetensors"
-                    ref = shared if uses_pair_reference(tcfg) else None
-                    if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
-                        return json.loads((out / "run" / "result.json").read_text())
-                    resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
-                    self.log(f"== training {run_name(run, beta)}" + (" (resuming)" if resume else ""))
-                    train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
+            def fn(out: Path, p=p) -> dict:
+                tcfg = self._train_cfg(p, out / "run")
+                ref = (
+                    self.root / p.reference_stage / "ref_logps.safetensors"
+                    if uses_pair_reference(tcfg)
+                    else None
+                )
+                if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
                     return json.loads((out / "run" / "result.json").read_text())
+                resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
+                self.log(f"== training {p.name}" + (" (resuming)" if resume else ""))
+                train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
+                return json.loads((out / "run" / "result.json").read_text())
 
-                self._stage(stage, inputs, fn, resumable=True)
-                done.append((name, run, beta))
-        return done
+            self._stage(f"train/{p.name}", inputs, fn, resumable=True)
 
-    def _evaluate(self, model, out: Path, held_pairs: list[dict] | None) -> dict:
+    def _evaluate(self, model, out: Path, held_pairs: list[dict] | None, seed: int) -> dict:
         ec = self.cfg.eval
-        seed = derive_seed(self.cfg.seed, "eval")  # its own stream: never the training samples' seeds
+        seed = derive_seed(seed, "eval")  # its own stream: never the training samples' seeds
         summary = self._sample(
             model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=seed
         )
@@ -305,40 +342,48 @@ class Experiment:
         """Preference pairs on held-out prompts from the base model's samples (token ids kept)."""
         return pairs_with_ids(read_jsonl(samples_file), self.cfg.eval.pairs_mode)[0]
 
-    def evaluate_all(self, runs) -> list[dict]:
-        ec = self.cfg.eval
+    def evaluate_all(self, planned: list[PlannedRun]) -> list[dict]:
+        """Per seed: the base model (``eval/base``, ``eval/base-seed<s>`` with several seeds), then every run
+        of that seed against it. One result row per (run, seed)."""
+        seeds = experiment_seeds(self.cfg)
+        rows = []
+        for seed in seeds:
+            rows += self._evaluate_seed(
+                seed, [p for p in planned if p.seed == seed], seed_suffix(seed, seeds)
+            )
+        return rows
+
+    def _evaluate_seed(self, seed: int, planned: list[PlannedRun], suffix: str) -> list[dict]:
         base_inputs = {
             "prompts": self._fp("prompts"),
             "model": self.model_id,
             "dtype": self.cfg.dtype,
-            "eval": vars(ec),
-            "seed": self.cfg.seed,
+            "eval": vars(self.cfg.eval),
+            "seed": seed,
             "reward": self.reward_id,
         }
 
         def base_fn(out: Path) -> dict:
-            summary = self._evaluate(self.base, out, None)
+            summary = self._evaluate(self.base, out, None, seed)
             held = self._heldout_pairs(out / "samples.jsonl")
             return {**summary, **(self._agreement(self.base, held) if held else {})}
 
-        self._stage("eval/base", base_inputs, base_fn)
-        held = self._heldout_pairs(self.root / "eval" / "base" / "samples.jsonl")
-        base_fp = self._fp("eval/base")
-        base_rewards = json.loads((self.root / "eval" / "base" / "rewards.json").read_text())
-        rows = [self._row("base", None, self._read("eval/base")["summary"], base_rewards, base_rewards)]
-        for name, run, beta in runs:
-            model_dir = self.root / "train" / name / "run" / "model"
-            inputs = {**base_inputs, "train": self._fp(f"train/{name}"), "base_eval": base_fp}
+        base = f"eval/base{suffix}"
+        self._stage(base, base_inputs, base_fn)
+        held = self._heldout_pairs(self.root / base / "samples.jsonl")
+        base_rewards = json.loads((self.root / base / "rewards.json").read_text())
+        rows = [self._row(None, seed, self._read(base)["summary"], base_rewards, base_rewards)]
+        for p in planned:
+            model_dir = self.root / "train" / p.name / "run" / "model"
+            inputs = {**base_inputs, "train": self._fp(f"train/{p.name}"), "base_eval": self._fp(base)}
 
             def fn(out: Path, model_dir=model_dir) -> dict:
                 model = load_for_inference(str(model_dir), dtype=self.cfg.dtype).to(self.device).eval()
-                return self._evaluate(model, out, held)
+                return self._evaluate(model, out, held, seed)
 
-            self._stage(f"eval/{name}", inputs, fn)
-            rewards = json.loads((self.root / "eval" / name / "rewards.json").read_text())
-            rows.append(
-                self._row(run.method, beta, self._read(f"eval/{name}")["summary"], rewards, base_rewards)
-            )
+            self._stage(f"eval/{p.name}", inputs, fn)
+            rewards = json.loads((self.root / "eval" / p.name / "rewards.json").read_text())
+            rows.append(self._row(p, seed, self._read(f"eval/{p.name}")["summary"], rewards, base_rewards))
         return rows
 
     def _agreement(self, model, held: list[dict]) -> dict:
@@ -356,43 +401,80 @@ class Experiment:
             "heldout_pairs": len(held),
         }
 
-    def _row(self, method: str, beta, summary: dict, rewards, base_rewards) -> dict:
+    def _row(self, p: PlannedRun | None, seed: int, summary: dict, rewards, base_rewards) -> dict:
+        """One result row (see :mod:`.report`) of one model and seed; ``p`` None is the base model."""
         clusters = [
             i // self.cfg.eval.samples_per_prompt for i in range(len(rewards))
         ]  # prompt of each sample
         win, win_se = M.win_rate_and_se(rewards, base_rewards, clusters)
+        base = p is None
         return {
-            "method": method,
-            "beta": beta,
+            "method": "base" if base else p.run.method,
+            "beta": None if base else p.beta,
             "reward_mean": summary["reward_mean"],
             "reward_se": summary["reward_se"],
-            "kl_mean": 0.0 if method == "base" else summary["kl_mean"],
-            "kl_se": 0.0 if method == "base" else summary["kl_se"],
+            "kl_mean": 0.0 if base else summary["kl_mean"],
+            "kl_se": 0.0 if base else summary["kl_se"],
             "win_rate": win,
             "logp_agreement": summary.get("logp_agreement"),
             "n_samples": len(rewards),
             "win_rate_se": win_se,
+            "logp_agreement_se": agreement_se(summary),
+            "run": "base" if base else p.label,
+            "seed": seed,
+            "pairs": None if base else p.pairs_variant,
+            "pairs_mode": None if base or p.pairs is None else p.pairs.mode,
+            "n_pairs": None if base or p.pairs is None else self._read(p.pairs_stage)["summary"]["pairs"],
         }
 
-    def report(self, rows: list[dict], runs) -> None:
-        write_results(self.root, rows)
-        plot_frontier(rows, self.root / "frontier.png", title=f"{self.cfg.name}: reward vs KL")
-        curves = {name: self.root / "train" / name / "run" / "metrics.jsonl" for name, _, _ in runs}
+    def report(self, rows: list[dict], planned: list[PlannedRun]) -> tuple[list[dict], list[dict]]:
+        """Write the results (seed means and SEs over seeds when there are several seeds, the per-seed rows
+        beside them), the claims, the plots and report.md; returns ``(results, claims)``."""
+        seeds = experiment_seeds(self.cfg)
+        results = rows
+        if len(seeds) > 1:
+            write_results(self.root, rows, name="results_by_seed")
+            results = aggregate_seeds(rows)
+        write_results(self.root, results)
+        claims = evaluate_claims(results)
+        write_json_atomic(self.root / "claims.json", claims)
+        title = f"{self.cfg.name}: reward vs KL" + (
+            f" (mean ± SE over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        )
+        plot_frontier(results, self.root / "frontier.png", title=title)
+        first = [p for p in planned if p.seed == seeds[0]]  # one seed's curves: the others look alike
+        curves = {p.label: self.root / "train" / p.name / "run" / "metrics.jsonl" for p in first}
         images = ["frontier.png"]
         if curves:
             plot_training_curves(curves, self.root / "training_curves.png")
             images.append("training_curves.png")
+        pairs_stages = sorted({p.pairs_stage for p in planned if p.pairs_stage} | {"pairs"})
         summary = {
             "model": self.model_path,
             "reward": self.cfg.reward,
-            "pairs": self._read("pairs")["summary"],
+            "seeds": seeds,
+            "standard errors": (
+                f"over the {len(seeds)} seeds (sample std / √{len(seeds)})"
+                if len(seeds) > 1
+                else "one seed: over held-out samples, clustered by prompt"
+            ),
+            **{stage: self._read(stage)["summary"] for stage in pairs_stages},
             "sampling": self._read("samples")["summary"],
         }
-        write_report_md(self.root, rows, summary, images)
+        write_report_md(self.root, results, summary, images, sections={"Claims": claims_markdown(claims)})
+        return results, claims
+
+
+def agreement_se(summary: dict) -> float | None:
+    """Standard error of an eval summary's avg-logp agreement, a share of its ``heldout_pairs`` pairs (one
+    per prompt by default, so independent); None without one."""
+    share, n = summary.get("logp_agreement"), summary.get("heldout_pairs")
+    return None if share is None or not n else M.proportion_se(round(share * n), n)
 
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> list[dict]:
-    """Run (or continue) the whole experiment; returns the result rows (also written to disk)."""
+    """Run (or continue) the whole experiment; returns the result rows as in results.json (seed means with
+    several seeds)."""
     from ..training.signals import stop_signals
 
     with stop_signals():  # SIGTERM stops like Ctrl-C; a training stage stops after its current step
@@ -405,19 +487,29 @@ def _run(cfg: ExperimentConfig, log) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "experiment_config.json", _jsonable(cfg))
     exp = Experiment(cfg, log)
+    planned = plan_runs(cfg)
     exp.prompts()
     exp.samples()
-    exp.pairs()
-    if any(uses_pair_reference(train_config(cfg, run, run.betas[0], output_dir="-")) for run in cfg.methods):
-        exp.reference()
-    runs = exp.train_runs()
-    rows = exp.evaluate_all(runs)
-    exp.report(rows, runs)
-    log("\n" + format_table(rows))
+    exp.pairs(cfg.pairs)  # always: the report describes the experiment's pairs
+    variants = {p.pairs_variant: p.pairs for p in planned if p.pairs_variant is not None}
+    for variant, pairs in variants.items():
+        exp.pairs(pairs, variant)
+    references = {
+        (p.pairs_stage, p.reference_stage) for p in planned if uses_pair_reference(probe_config(cfg, p))
+    }
+    for stage, reference in sorted(references):
+        exp.reference(stage, reference)
+    exp.train_runs(planned)
+    rows = exp.evaluate_all(planned)
+    results, claims = exp.report(rows, planned)
+    log("\n" + format_table(results))
+    if claims:
+        log("\n" + format_claims(claims))
     log(
-        f"\nresults in {root} (results.csv, results.json, frontier.png, report.md) — {time.time() - started:.0f}s"
+        f"\nresults in {root} (results.csv, results.json, claims.json, frontier.png, report.md) — "
+        f"{time.time() - started:.0f}s"
     )
-    return rows
+    return results
 
 
 def _jsonable(cfg) -> dict:

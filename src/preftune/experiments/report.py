@@ -9,6 +9,12 @@ One *result row* per evaluated model::
 The base model has ``method="base"`` and ``beta=None``. Any value except ``method`` and
 ``n_samples`` may be ``None`` (shown as "-"). Plots use matplotlib's object API with the
 Agg canvas, so importing this module never changes the global pyplot backend.
+
+The experiment adds ``run`` (the run's name without its seed), ``seed``, ``pairs`` (a methods entry's own
+pairs setting, e.g. ``all-n48``; None on the experiment's pairs), ``pairs_mode``, ``n_pairs``,
+``win_rate_se`` and ``logp_agreement_se``. With several seeds, :func:`aggregate_seeds` turns the per-seed
+rows into one row per run whose ``*_se`` are standard errors over seeds; a method's points on a pairs
+variant are their own series in the table and the plot (``dpo [all-n48]``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import json
 import math
 from pathlib import Path
 
+from .. import metrics as M
 from ..files import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .claims import series_label
 
 RESULT_KEYS = (
     "method",
@@ -35,6 +43,13 @@ RESULT_KEYS = (
 KL_LABEL = "KL(π_θ‖π_ref) (nats, sequence-level)"
 REWARD_LABEL = "mean reward (1 + VADER compound)"
 CURVE_KEYS = ("loss", "rewards/margins", "rewards/accuracies")
+# (mean, standard error) columns that aggregate_seeds averages over seeds
+SEED_AVERAGED = (
+    ("reward_mean", "reward_se"),
+    ("kl_mean", "kl_se"),
+    ("win_rate", "win_rate_se"),
+    ("logp_agreement", "logp_agreement_se"),
+)
 
 
 def _clean(value):
@@ -61,8 +76,33 @@ def _columns(rows: list[dict]) -> list[str]:
     return list(RESULT_KEYS) + extra
 
 
-def write_results(out_dir: str | Path, rows: list[dict]) -> tuple[Path, Path]:
-    """Write ``results.csv`` and ``results.json`` (a list of rows) into ``out_dir`` atomically.
+def aggregate_seeds(rows: list[dict]) -> list[dict]:
+    """One row per run from per-seed rows: the mean over seeds and its standard error over seeds.
+
+    Rows are grouped by ``run`` (by method and beta where a row has none), in order of first appearance.
+    For each pair of :data:`SEED_AVERAGED`, the mean column becomes the mean of the seeds' means and the
+    SE column the sample std of those means / √n_seeds (:func:`preftune.metrics.mean_and_se`): the spread
+    over seeds holds both the training and the evaluation noise, so the per-seed SEs are not reused (None
+    where any seed has None). ``n_samples`` is summed, ``n_seeds`` added, ``seed`` dropped; other keys are
+    the first seed's. Example: rewards 1.2, 1.4, 1.3 -> reward_mean 1.3, reward_se 0.1/√3 = 0.0577.
+    """
+    groups: dict = {}
+    for row in _check_rows(rows):
+        groups.setdefault(row.get("run") or (row["method"], row["beta"]), []).append(row)
+    out = []
+    for group in groups.values():
+        row = {k: v for k, v in group[0].items() if k != "seed"}
+        for mean_key, se_key in SEED_AVERAGED:
+            values = [r.get(mean_key) for r in group]
+            row[mean_key], row[se_key] = (None, None) if None in values else M.mean_and_se(values)
+        row["n_samples"] = sum(r["n_samples"] for r in group)
+        row["n_seeds"] = len(group)
+        out.append(row)
+    return out
+
+
+def write_results(out_dir: str | Path, rows: list[dict], name: str = "results") -> tuple[Path, Path]:
+    """Write ``<name>.csv`` and ``<name>.json`` (a list of rows) into ``out_dir`` atomically.
 
     Columns: :data:`RESULT_KEYS` in order, then extra keys in order of first appearance;
     ``None`` is an empty CSV cell. Returns ``(csv_path, json_path)``.
@@ -75,8 +115,8 @@ def write_results(out_dir: str | Path, rows: list[dict]) -> tuple[Path, Path]:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    csv_path = write_text_atomic(out_dir / "results.csv", buf.getvalue())
-    json_path = write_json_atomic(out_dir / "results.json", rows)
+    csv_path = write_text_atomic(out_dir / f"{name}.csv", buf.getvalue())
+    json_path = write_json_atomic(out_dir / f"{name}.json", rows)
     return csv_path, json_path
 
 
@@ -100,10 +140,11 @@ def _num(value) -> float:
 
 
 def plot_frontier(rows: list[dict], path: str | Path, *, title: str | None = None) -> Path:
-    """Reward (y, ± SE) against sequence-level KL (x, ± SE): one line per method.
+    """Reward (y, ± SE) against sequence-level KL (x, ± SE): one line per method (and pairs variant).
 
     Points of a method are joined in order of KL and labelled with their β; the base
     model is a star at its KL (0 when ``kl_mean`` is None). Up and to the left is better.
+    The error bars are the rows' ``reward_se`` and ``kl_se``: over seeds for seed means.
     """
     rows = _check_rows(rows)
     fig = _new_figure((7.5, 5.0))
@@ -114,7 +155,7 @@ def plot_frontier(rows: list[dict], path: str | Path, *, title: str | None = Non
             raise ValueError(f"result row {row['method']} beta={row['beta']}: reward_mean is None")
         if row["method"] != "base" and row["kl_mean"] is None:
             raise ValueError(f"result row {row['method']} beta={row['beta']}: kl_mean is None")
-        methods.setdefault(str(row["method"]), []).append(row)
+        methods.setdefault(series_label(str(row["method"]), row.get("pairs")), []).append(row)
 
     for method, group in methods.items():
         if method == "base":
@@ -210,7 +251,7 @@ def _table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "beta", "reward ± se", "KL ± se", "win rate", "logp agree", "n"]
     body = [
         [
-            str(r["method"]),
+            series_label(str(r["method"]), r.get("pairs")),
             "-" if r["beta"] is None else f"{r['beta']:g}",
             _pm(r["reward_mean"], r["reward_se"]),
             _pm(r["kl_mean"], r["kl_se"]),
@@ -232,8 +273,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report_md(out_dir: str | Path, rows: list[dict], config_summary: dict, images: list[str]) -> Path:
-    """Write ``out_dir/report.md``: configuration, results table, linked images.
+def write_report_md(
+    out_dir: str | Path,
+    rows: list[dict],
+    config_summary: dict,
+    images: list[str],
+    *,
+    sections: dict[str, str] | None = None,
+) -> Path:
+    """Write ``out_dir/report.md``: configuration, results table, extra ``sections`` (title -> markdown,
+    e.g. the claims), linked images.
 
     ``images``: relative paths are linked as given (relative to ``out_dir``); absolute
     paths inside ``out_dir`` are made relative to it, others are linked as they are.
@@ -254,6 +303,8 @@ def write_report_md(out_dir: str | Path, rows: list[dict], config_summary: dict,
         "log π_θ(y|x) − log π_ref(y|x) ± standard error. Win rate: against the base model's",
         "sample for the same prompt and slot (ties count half).",
     ]
+    for title, text in (sections or {}).items():
+        lines += ["", f"## {title}", "", text]
     if images:
         lines += ["", "## Figures", ""]
         for image in images:
@@ -273,6 +324,8 @@ __all__ = [
     "KL_LABEL",
     "RESULT_KEYS",
     "REWARD_LABEL",
+    "SEED_AVERAGED",
+    "aggregate_seeds",
     "format_table",
     "plot_frontier",
     "plot_training_curves",
