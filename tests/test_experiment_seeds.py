@@ -115,7 +115,7 @@ def test_paper_preset_loads():
     if "ppo" in ONLINE_METHODS:
         assert load_experiment_config("paper").methods == cfg.methods
     runs = plan_runs(cfg)
-    assert cfg.seeds == [0, 1, 2] and len(runs) == 3 * len(cfg.methods)
+    assert cfg.seeds == [0, 1, 2] and len(runs) == 3 * sum(len(m.betas) for m in cfg.methods)
     assert {r.pairs_stage for r in runs} == {"pairs", "pairs-all", "pairs-all-n48", None}
     assert {r.run.method for r in runs} >= {"dpo", "odpo", "ipo", "simpo", "grpo"}
 

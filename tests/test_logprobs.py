@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from preftune.logprobs import pack_sequences, score_responses, sequence_logps, token_logps
+from preftune.logprobs import pack_sequences, score_groups, score_responses, sequence_logps, token_logps
 
 KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -175,6 +175,18 @@ def test_score_responses_returns_input_order(model, pairs, pad_id):
     # one at a time gives the same
     single, _ = score_responses(model, prompts, responses, pad_token_id=pad_id, batch_size=1)
     torch.testing.assert_close(single, sums, rtol=0, atol=1e-5)
+
+
+def test_score_groups_encodes_each_prompt_once_and_keeps_input_order(model, pairs, pad_id):
+    """Groups of completions after one prompt (the experiment's samples, a pair's two responses) score as the
+    plain rows would, in input order, whatever the batch size."""
+    prompts = [pairs[i][0] for i in (2, 0, 4)]
+    groups = [[pairs[2][1], pairs[1][1], pairs[3][1]], [pairs[0][1]], [pairs[4][1], pairs[2][1]]]
+    expected = torch.tensor([hand_logps(model, p, c) for p, g in zip(prompts, groups) for c in g])
+    for batch_size in (1, 3, 16):
+        sums, lengths = score_groups(model, prompts, groups, pad_token_id=pad_id, batch_size=batch_size)
+        torch.testing.assert_close(sums, expected, rtol=0, atol=1e-5)
+        assert lengths.tolist() == [len(c) for g in groups for c in g]
 
 
 def test_fast_path_under_lora_equals_slow(tiny_tokenizer, pairs, pad_id):

@@ -363,6 +363,41 @@ def sequence_logps(
 
 
 @torch.inference_mode()
+def score_groups(
+    model,
+    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y|x) and |y| of every completion of ``groups[i]`` after ``prompts[i]``, each prompt encoded once
+    for its group (:func:`shared_prefix_logps`); groups of about ``batch_size`` completions at a time, shortest
+    first (less padding). Returns (sums (C,) fp32, lengths (C,) long) on CPU, completions in input order."""
+    flat = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
+    index = {key: i for i, key in enumerate(flat)}
+    sums = torch.zeros(len(flat), dtype=torch.float32)
+    lengths = torch.tensor([len(groups[g][j]) for g, j in flat], dtype=torch.long)
+    order = sorted(range(len(groups)), key=lambda g: len(prompts[g]) + sum(len(c) for c in groups[g]))
+    chunk: list[int] = []
+    for pos, g in enumerate(order):
+        chunk.append(g)
+        size = sum(len(groups[k]) for k in chunk)
+        if size < batch_size and pos < len(order) - 1:
+            continue
+        chunk_groups = [groups[k] for k in chunk]
+        logps, completion, _ = shared_prefix_logps(
+            model, [prompts[k] for k in chunk], chunk_groups, pad_token_id
+        )
+        owners = [index[(k, j)] for k in chunk for j in range(len(groups[k]))]
+        local = torch.zeros(len(owners), dtype=torch.float32, device=logps.device).index_add(
+            0, completion, logps
+        )
+        sums[torch.tensor(owners)] = local.float().cpu()
+        chunk = []
+    return sums, lengths
+
+
 def score_responses(
     model,
     prompts: list[list[int]],
@@ -372,16 +407,6 @@ def score_responses(
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) and |y| for many (prompt ids, response ids) pairs, batched; on CPU, in input order."""
-    sums, lengths = [], []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))  # less padding
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_token_id)
-        s, n = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        sums.append(s.cpu())
-        lengths.append(n.cpu())
-    out_s = torch.empty(len(prompts), dtype=torch.float32)
-    out_n = torch.empty(len(prompts), dtype=torch.long)
-    out_s[torch.tensor(order)] = torch.cat(sums)
-    out_n[torch.tensor(order)] = torch.cat(lengths)
-    return out_s, out_n
+    return score_groups(
+        model, prompts, [[r] for r in responses], pad_token_id=pad_token_id, batch_size=batch_size
+    )

@@ -31,7 +31,7 @@ from pathlib import Path
 from .. import metrics as M
 from ..config import TrainConfig
 from ..files import read_jsonl, write_json_atomic, write_jsonl_atomic
-from ..logprobs import score_responses
+from ..logprobs import score_groups
 from ..losses import PAIR_METHODS
 from ..models import (
     autocast,
@@ -319,8 +319,6 @@ class Experiment:
             model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=seed
         )
         records = read_jsonl(out / "samples.jsonl")
-        prompts = [r["prompt_ids"] for r in records for _ in r["response_ids"]]
-        responses = [ids for r in records for ids in r["response_ids"]]
         rewards = [s for r in records for s in r["scores"]]
         clusters = [i for i, r in enumerate(records) for _ in r["response_ids"]]  # samples of one prompt
         pad = self.tokenizer.pad_token_id
@@ -329,8 +327,10 @@ class Experiment:
         if model is self.base:  # log π_θ − log π_ref is 0 for every sample: no forward pass needed
             summary.update(kl_mean=0.0, kl_se=0.0)
         else:
-            policy_logps, _ = score_responses(model, prompts, responses, pad_token_id=pad, batch_size=bs)
-            ref_logps, _ = score_responses(self.base, prompts, responses, pad_token_id=pad, batch_size=bs)
+            # each prompt encoded once for its samples
+            ids, groups = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
+            policy_logps, _ = score_groups(model, ids, groups, pad_token_id=pad, batch_size=bs)
+            ref_logps, _ = score_groups(self.base, ids, groups, pad_token_id=pad, batch_size=bs)
             kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist(), clusters)
             summary.update(kl_mean=kl[0], kl_se=kl[1])
         if held_pairs:
@@ -390,12 +390,9 @@ class Experiment:
         """SimPO's diagnostic on held-out pairs: does the average log-likelihood order agree with the reward?"""
         bs, pad = self.cfg.eval.logp_batch_size, self.tokenizer.pad_token_id
         p_ids = [p["prompt_ids"] for p in held]
-        cw, nw = score_responses(
-            model, p_ids, [p["chosen_ids"] for p in held], pad_token_id=pad, batch_size=bs
-        )
-        cl, nl = score_responses(
-            model, p_ids, [p["rejected_ids"] for p in held], pad_token_id=pad, batch_size=bs
-        )
+        pairs = [[p["chosen_ids"], p["rejected_ids"]] for p in held]  # the prompt encoded once per pair
+        sums, lengths = score_groups(model, p_ids, pairs, pad_token_id=pad, batch_size=bs)
+        cw, cl, nw, nl = sums[0::2], sums[1::2], lengths[0::2], lengths[1::2]
         return {
             "logp_agreement": M.avg_logp_agreement(cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()),
             "heldout_pairs": len(held),
