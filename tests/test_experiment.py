@@ -196,3 +196,37 @@ def test_shared_reference_is_computed_like_the_training_runs_under_bf16(tmp_path
     assert json.loads(rows[0])["loss"] == pytest.approx(math.log(2), abs=1e-6)
     stage = json.loads((tmp_path / "exp" / "reference" / "stage.json").read_text())
     assert stage["inputs"]["mixed_precision"] == "bf16" and stage["inputs"]["dtype"] == "float32"
+
+
+def test_ppo_against_a_reward_model_learned_from_the_pairs(tmp_path, tiny_model_dir):
+    """RLHF as the papers run it: a reward model trained on the experiment's pairs, PPO against it, every
+    model evaluated with the experiment's own reward; PPO against the true reward beside it."""
+    ppo = {
+        "prompts_per_batch": 2,
+        "epochs": 1,
+        "minibatches": 1,
+        "training": {"max_steps": 2, "batch_size": 2},
+    }
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        methods=[
+            {"method": "ppo", "betas": [0.05], "reward": "learned", **ppo},
+            {"method": "ppo", "betas": [0.05], **ppo},
+        ],
+        reward_model={"max_steps": 1},
+    )
+    rows = run_experiment(cfg, log=lambda *a: None)
+    root = tmp_path / "exp"
+    assert (root / "reward_model" / "run" / "model" / "config.json").is_file()
+    name = "ppo-epochs1-minibatches1-prompts_per_batch2-rmlearned-beta0.05"
+    run_cfg = json.loads((root / "train" / name / "stage.json").read_text())
+    rewards = run_cfg["inputs"]["config"]["ppo"]["rewards"]
+    assert rewards == [f"reward_model:{root / 'reward_model' / 'run' / 'model'}"]
+    assert "reward_model" in run_cfg["inputs"]  # retrained when the reward model changes
+    assert {r["method"] for r in rows} == {"base", "ppo"} and len(rows) == 3
+    # evaluation uses the experiment's reward (VADER here) for every model, not the learned one
+    eval_rewards = json.loads((root / "eval" / name / "rewards.json").read_text())
+    assert all(0.0 <= r <= 2.0 for r in eval_rewards)
+    with pytest.raises(ConfigError, match="for online methods only"):
+        _cfg(tmp_path, tiny_model_dir, methods=[{"method": "dpo", "reward": "learned"}])

@@ -79,6 +79,7 @@ class MethodRun:
     pairs: dict = field(
         default_factory=dict
     )  # offline methods: overrides of the experiment's `pairs` section
+    reward: str | None = None  # online methods: `learned` = a reward model trained on the experiment's pairs
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ExperimentConfig:
     train: ExpTrainConfig = field(default_factory=ExpTrainConfig)
     methods: list[MethodRun] = field(default_factory=lambda: [MethodRun()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward_model: dict = field(default_factory=dict)  # `train` overrides for the learned reward model
     progress: bool = True
 
 
@@ -179,6 +181,29 @@ def _check_method(cfg: ExperimentConfig, run: MethodRun, where: str) -> None:
         )
     if run.pairs:
         _check_pairs(run_pairs(cfg, run, where), f"{where}: pairs")
+    if run.reward is not None and (run.reward != LEARNED or run.method not in ONLINE_METHODS):
+        raise ConfigError(
+            f"{where}: `reward: {LEARNED}` (a reward model trained on the experiment's pairs, as in RLHF) is the "
+            f"only value, and for online methods only; got {run.reward!r} on {run.method}"
+        )
+    if run.reward is not None and "rewards" in run.options:
+        raise ConfigError(f"{where}: give either `reward: {LEARNED}` or `rewards`, not both")
+
+
+LEARNED = "learned"
+REWARD_MODEL_STAGE = "reward_model"
+
+
+def learned_reward_model(cfg: ExperimentConfig) -> str:
+    """Where the learned reward model's weights are (the ``reward_model`` stage's run)."""
+    return str(Path(cfg.output_dir) / REWARD_MODEL_STAGE / "run" / "model")
+
+
+def reward_model_config(cfg: ExperimentConfig, *, output_dir: str) -> TrainConfig:
+    """The ``preftune train`` config of the learned reward model: Bradley–Terry on the experiment's pairs
+    with the shared `train` settings and the `reward_model` overrides (the data file is set by the pipeline)."""
+    run = MethodRun(method="reward_model", training=dict(cfg.reward_model))
+    return train_config(cfg, run, 0.0, output_dir=output_dir)
 
 
 def experiment_seeds(cfg: ExperimentConfig) -> list[int]:
@@ -211,6 +236,8 @@ def pairs_suffix(default: PairsConfig, pairs: PairsConfig | None) -> str:
 def run_name(run: MethodRun, beta: float, suffix: str = "") -> str:
     """``<method><options><pairs suffix>-beta<β>``, e.g. ``odpo-alpha1.0-offsetlog-all-n48-beta0.1``."""
     extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()) if k != "rewards")
+    if run.reward is not None:
+        extra += f"-rm{run.reward}"
     return f"{run.method}{extra}{suffix}-beta{beta:g}"
 
 
@@ -285,7 +312,7 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
         out["betas"] = entry.pop("betas")
     if "beta" in entry:
         raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
-    for section in ("training", "generation", "pairs"):
+    for section in ("training", "generation", "pairs", "reward"):
         if section in entry:
             out[section] = entry.pop(section)
     out["options"] = entry
@@ -327,10 +354,12 @@ def train_config(
             "max_grad_norm": t.max_grad_norm,
             "mixed_precision": t.mixed_precision,
         },
-        run.method: {"beta": beta, **run.options},
+        run.method: dict(run.options) if run.method == "reward_model" else {"beta": beta, **run.options},
     }
     raw["training"].update(run.training)
     if online:  # trained on the training prompts, with the experiment's reward and sampling settings
+        if run.reward == LEARNED:  # RLHF: trained against the learned reward, evaluated with the true one
+            raw[run.method]["rewards"] = [f"reward_model:{learned_reward_model(cfg)}"]
         raw[run.method].setdefault("rewards", [cfg.reward])
         s = cfg.sample
         sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p}

@@ -47,12 +47,15 @@ from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
 from .claims import claims_markdown, evaluate_claims, format_claims
 from .config import (
+    LEARNED,
+    REWARD_MODEL_STAGE,
     ExperimentConfig,
     PairsConfig,
     PlannedRun,
     experiment_seeds,
     load_experiment_config,
     plan_runs,
+    reward_model_config,
     seed_suffix,
     stage_with_variant,
     train_config,
@@ -281,6 +284,28 @@ class Experiment:
         }
         self._stage(name, inputs, fn)
 
+    def reward_model(self) -> None:
+        """The learned reward model (RLHF's): Bradley–Terry on the experiment's pairs, from the base model.
+        Online runs with `reward: learned` train against it; every model is still evaluated with the
+        experiment's reward."""
+        from ..training import train
+
+        probe = reward_model_config(self.cfg, output_dir="unused")
+        config = probe.to_dict()
+        config["training"].pop("progress")
+        config["training"].pop("output_dir")
+        inputs = {"model": self.model_id, "pairs": self._fp("pairs"), "config": config}
+
+        def fn(out: Path) -> dict:
+            tcfg = reward_model_config(self.cfg, output_dir=str(out / "run"))
+            tcfg.data.train = str(self.root / "pairs" / "pairs.jsonl")
+            tcfg.model.name_or_path = self.model_path
+            self.log("== training the reward model on the experiment's pairs")
+            train(tcfg, overwrite=True, log=self.log)
+            return json.loads((out / "run" / "result.json").read_text())
+
+        self._stage(REWARD_MODEL_STAGE, inputs, fn)
+
     def train_runs(self, planned: list[PlannedRun]) -> None:
         from ..training import train
 
@@ -291,6 +316,8 @@ class Experiment:
             inputs = {"model": self.model_id, "config": config}
             if p.pairs_stage is None:  # trained online: the prompts and the reward, not the pairs
                 inputs.update(prompts=self._fp("prompts"), reward=self.reward_id)
+                if p.run.reward == LEARNED:
+                    inputs["reward_model"] = self._fp(REWARD_MODEL_STAGE)
             else:
                 inputs["pairs"] = self._fp(p.pairs_stage)
             if uses_pair_reference(probe):
@@ -496,6 +523,8 @@ def _run(cfg: ExperimentConfig, log) -> list[dict]:
     }
     for stage, reference in sorted(references):
         exp.reference(stage, reference)
+    if any(p.run.reward == LEARNED for p in planned):
+        exp.reward_model()
     exp.train_runs(planned)
     rows = exp.evaluate_all(planned)
     results, claims = exp.report(rows, planned)
