@@ -219,3 +219,29 @@ def test_config_errors(tmp_path, tiny_model_dir, prompts):
         config(tiny_model_dir, prompts, tmp_path / "r", ppo={"adaptive_kl": True, "beta": 0})
     with pytest.raises(ConfigError, match="section\\(s\\) grpo given but method is 'ppo'"):
         config(tiny_model_dir, prompts, tmp_path / "r", grpo={"group_size": 4})
+
+
+def test_sigterm_mid_batch_checkpoints_and_resume_equals_uninterrupted(
+    tmp_path, tiny_model_dir, prompts, reward_module
+):
+    import os
+    import signal
+
+    from preftune.training.signals import Terminated
+
+    sections = {"training": {"max_steps": 4}}
+    plain = train(config(tiny_model_dir, prompts, tmp_path / "a", **sections), log=quiet)
+    cfg = config(tiny_model_dir, prompts, tmp_path / "b", **sections)
+
+    def term(step, row):
+        if step == 1:  # between the two minibatches of the first batch of rollouts
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated):
+        train(cfg, on_step_end=term, log=quiet)
+    ckpt = tmp_path / "b" / "checkpoints" / "step-0000001"
+    assert (ckpt / "rollout.json").is_file() and (ckpt / "value_head.safetensors").is_file()
+    train(cfg, resume=True, log=quiet)
+    for name in ("model/model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(run / name) for run in (plain, tmp_path / "b"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
