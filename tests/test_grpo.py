@@ -162,7 +162,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts, reward_m
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_step_end=stop, log=quiet)
     ckpt = tmp_path / "b" / "checkpoints" / "step-0000003"
-    assert (ckpt / "rollout.json").is_file() == (iterations == 2)
+    assert (ckpt / "rollout-0.json").is_file() == (iterations == 2)
     train(cfg, resume=True, log=quiet)
     a, b = (load_file(run / "model" / "model.safetensors") for run in (plain, tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)

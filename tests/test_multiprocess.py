@@ -159,7 +159,7 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
             "data": {"train": str(prompts), "max_length": 48, "max_prompt_length": 24},
             "generation": {"max_new_tokens": 6, "batch_size": 16},
             "training": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4,
-                         "learning_rate": 1e-2, "progress": False},
+                         "learning_rate": 1e-2, "progress": False, "save_every": 1, "keep_checkpoints": 4},
             method: {**ONLINE[method], "rewards": [{"name": "regex", "pattern": "e"}]},
         }  # fmt: skip
         path = tmp_path / f"{name}.yaml"
@@ -188,6 +188,10 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
     for r2, r1 in zip(*rows, strict=True):
         for key in ONLINE_KEYS[method]:
             assert r2[key] == pytest.approx(r1[key], abs=1e-5, nan_ok=True), key
-    if method == "ppo":
+    # a checkpoint between the updates of a batch keeps every process's samples, each under its rank
+    ckpt = tmp_path / "two" / "checkpoints" / "step-0000001"
+    if method == "ppo":  # 2 updates per batch (GRPO here: 1)
+        own = [json.loads((ckpt / f"rollout-{r}.json").read_text())["prompt_index"] for r in (0, 1)]
+        assert own[0] and own[1] and not set(own[0]) & set(own[1])
         a, b = (load_file(tmp_path / n / "value_head.safetensors") for n in ("two", "one"))
         torch.testing.assert_close(a["linear.weight"], b["linear.weight"], atol=1e-5, rtol=0)

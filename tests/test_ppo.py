@@ -177,7 +177,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts, reward_m
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_step_end=stop, log=quiet)
     ckpt = tmp_path / "b" / "checkpoints" / "step-0000003"
-    assert (ckpt / "rollout.json").is_file() and (ckpt / "value_head.safetensors").is_file()
+    assert (ckpt / "rollout-0.json").is_file() and (ckpt / "value_head.safetensors").is_file()
     train(cfg, resume=True, log=quiet)
     for name in ("model/model.safetensors", "value_head.safetensors"):
         a, b = (load_file(run / name) for run in (plain, tmp_path / "b"))
@@ -240,8 +240,37 @@ def test_sigterm_mid_batch_checkpoints_and_resume_equals_uninterrupted(
     with pytest.raises(Terminated):
         train(cfg, on_step_end=term, log=quiet)
     ckpt = tmp_path / "b" / "checkpoints" / "step-0000001"
-    assert (ckpt / "rollout.json").is_file() and (ckpt / "value_head.safetensors").is_file()
+    assert (ckpt / "rollout-0.json").is_file() and (ckpt / "value_head.safetensors").is_file()
     train(cfg, resume=True, log=quiet)
     for name in ("model/model.safetensors", "value_head.safetensors"):
         a, b = (load_file(run / name) for run in (plain, tmp_path / "b"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_stop_on_a_batch_first_step_keeps_the_kl_coefficient_that_batch_started_from(
+    tmp_path, tiny_model_dir, prompts, reward_module, monkeypatch
+):
+    """The adaptive coefficient is updated when a batch is prepared; a run stopped on that batch's first step
+    checkpoints the batch boundary, so it must keep the coefficient from before the update (the resumed run
+    prepares the batch again)."""
+    from preftune.training.engine import NonFiniteError
+    from preftune.training.ppo import PPO
+
+    sections = {
+        "ppo": {"adaptive_kl": True, "target_kl": 1e-6, "kl_horizon": 10},
+        "training": {"max_steps": 4},
+    }
+    plain = rows(train(config(tiny_model_dir, prompts, tmp_path / "a", **sections), log=quiet))
+    real, calls = PPO.train_step, []
+
+    def failing(self, model, rollout, iteration):
+        sums, finite = real(self, model, rollout, iteration)
+        calls.append(1)
+        return sums, finite and len(calls) != 3  # step 3: the first update of the second batch
+
+    monkeypatch.setattr(PPO, "train_step", failing)
+    with pytest.raises(NonFiniteError, match="step 3"):
+        train(config(tiny_model_dir, prompts, tmp_path / "b", **sections), log=quiet)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert state["kl_coef"] == plain[2]["kl_coef"]  # what batch 2 was prepared with, not its update
+    assert plain[2]["kl_coef"] != plain[0]["kl_coef"]

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .. import metrics as M
@@ -82,8 +83,8 @@ class OnlineMethod:
         """The step's method-specific metrics from the (process-summed) ``sums``."""
         raise NotImplementedError
 
-    def state(self) -> dict:
-        """JSON state a checkpoint keeps (restored by :meth:`load`)."""
+    def state(self, step: int) -> dict:
+        """JSON state a checkpoint at optimizer step ``step`` keeps (restored by :meth:`load`)."""
         return {}
 
     def save(self, folder: Path) -> None:
@@ -113,7 +114,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     if s.resume_from is not None:
         start_step = stepper.restore(s.resume_from)
         method.load(s.resume_from, stepper.restored)
-        rollout = Rollout.load(s.resume_from) if start_step % updates else None
+        rollout = Rollout.load(s.resume_from, acc.process_index) if start_step % updates else None
         s.log(f"resumed from {s.resume_from} at step {start_step}/{n_steps}")
     metrics_log = MetricsLog(s.run_dir / "metrics.jsonl", acc, keep_until_step=start_step)
     completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
@@ -127,15 +128,18 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
 
     def save(step: int) -> Path | None:
         mid_batch = step % updates and rollout is not None and rollout.batch == step // updates
+        # every process's rollout goes into the checkpoint (the main process writes it): collective
+        rollouts = gather_object([rollout]) if mid_batch and acc.num_processes > 1 else [rollout]
 
         def extra(folder: Path) -> None:
             method.save(folder)
             if mid_batch:
-                rollout.save(folder)
+                for rank, r in enumerate(rollouts):
+                    r.save(folder, rank)
 
         return save_state(
             s.run_dir, step, acc, model, tokenizer, optimizer, scheduler, t.keep_checkpoints,
-            {**stepper.state(), **method.state()}, extra=extra,
+            {**stepper.state(), **method.state(step)}, extra=extra,
         )  # fmt: skip
 
     bar = tqdm(

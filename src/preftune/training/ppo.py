@@ -74,6 +74,7 @@ class PPO(OnlineMethod):
         hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(device_of(s.model))
         self.kl_coef = p.beta
+        self.kl_coef_before, self.prepared_batch = p.beta, -1  # the coefficient before the last prepare
 
     # -- the optimizer and checkpoints -------------------------------------------------------------------
     def param_groups(self, params):
@@ -84,8 +85,13 @@ class PPO(OnlineMethod):
     def extra_params(self):
         return list(self.value_head.parameters())
 
-    def state(self) -> dict:
-        return {"kl_coef": self.kl_coef}
+    def state(self, step: int) -> dict:
+        """The KL coefficient; at the boundary of a batch that was prepared but none of whose steps completed
+        (a run stopped on its first step), the coefficient before that batch's update, so that the resumed
+        run prepares it again from the same value."""
+        updates = self.s.cfg.ppo.updates_per_batch
+        unstarted = step == self.prepared_batch * updates
+        return {"kl_coef": self.kl_coef_before if unstarted else self.kl_coef}
 
     def save(self, folder: Path) -> None:
         tensors = {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}
@@ -103,6 +109,7 @@ class PPO(OnlineMethod):
         batch's statistics over every process; then the adaptive KL coefficient's update."""
         s, p, t = self.s, self.s.cfg.ppo, self.s.cfg.training
         acc, G = s.accelerator, p.samples_per_prompt
+        self.kl_coef_before, self.prepared_batch = self.kl_coef, rollout.batch
         pad, width, nograd = (
             s.prep.tokenizer.pad_token_id,
             s.cfg.generation.max_new_tokens,

@@ -70,27 +70,29 @@ class Rollout:
         return [self.prompt_ids[i] for i in firsts], [self.completion_ids[i : i + group_size] for i in firsts]
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, rank: int = 0) -> None:
+        """Into a checkpoint folder, as process ``rank``'s rollout (each process has its own prompts)."""
         from safetensors.torch import save_file
 
         tensors = {name: getattr(self, name) for name in self.TENSORS if getattr(self, name) is not None}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "rollout.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / f"rollout-{rank}.safetensors")
         meta = {
             k: getattr(self, k)
             for k in ("batch", "prompt_index", "prompt_ids", "completion_ids", "completions")
         }
-        (folder / "rollout.json").write_text(
+        (folder / f"rollout-{rank}.json").write_text(
             json.dumps({**meta, "per_function": self.per_function, "stats": self.stats})
         )
 
     @classmethod
-    def load(cls, folder: Path) -> Rollout | None:
-        if not (folder / "rollout.json").is_file():
+    def load(cls, folder: Path, rank: int = 0) -> Rollout | None:
+        """Process ``rank``'s rollout from a checkpoint folder, or None when it holds none."""
+        if not (folder / f"rollout-{rank}.json").is_file():
             return None
         from safetensors.torch import load_file
 
-        tensors = load_file(folder / "rollout.safetensors")
-        meta = json.loads((folder / "rollout.json").read_text())
+        tensors = load_file(folder / f"rollout-{rank}.safetensors")
+        meta = json.loads((folder / f"rollout-{rank}.json").read_text())
         return cls(**meta, **{name: tensors.get(name) for name in cls.TENSORS})
 
 
