@@ -17,13 +17,12 @@ environment: ``python benchmarks/compare_trl.py --trl-python /work/trl-venv/bin/
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from harness import report_child, run_child
 
 THREADS = 2
 STEPS = 6
@@ -141,26 +140,12 @@ def gemm_rate() -> float:
 
 
 def child(system: str, case: str) -> None:
-    import tempfile
-
-    import torch
-
-    torch.set_num_threads(THREADS)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = (run_trl if system == "trl" else run_preftune)(case, tmp)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
+    run = run_trl if system == "trl" else run_preftune
+    report_child(lambda tmp: run(case, str(tmp)), THREADS)
 
 
 def measure(system: str, python: str, case: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(
-        [python, __file__, "--child", system, "--case", case], env=env, capture_output=True, text=True
-    )
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    if done.returncode != 0 or not line:
-        raise RuntimeError(f"{system} {case} failed:\n{done.stderr[-4000:]}")
-    return json.loads(line[-1][len("RESULT ") :])
+    return run_child(python, [__file__, "--child", system, "--case", case], THREADS, f"{system} {case}")
 
 
 def main() -> None:

@@ -16,15 +16,12 @@ another virtual environment with ``--trl-python PATH/bin/python`` (preftune must
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from harness import report_child, run_child
 
 SETTINGS = {
     "group_size": 8,
@@ -168,23 +165,13 @@ def run_trl(steps: int, beta: float, out: Path) -> dict:
 
 
 def child(system: str, steps: int, beta: float) -> None:
-    import torch
-
-    torch.set_num_threads(SETTINGS["threads"])
-    with tempfile.TemporaryDirectory() as tmp:
-        result = (run_trl if system == "trl" else run_preftune)(steps, beta, Path(tmp))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
+    run = run_trl if system == "trl" else run_preftune
+    report_child(lambda tmp: run(steps, beta, tmp), SETTINGS["threads"])
 
 
 def measure(system: str, python: str, steps: int, beta: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(SETTINGS["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [python, __file__, "--child", system, "--steps", str(steps), "--betas", str(beta)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    if done.returncode != 0 or not line:
-        raise RuntimeError(f"{system} failed:\n{done.stderr[-4000:]}")
-    return json.loads(line[-1][len("RESULT ") :])
+    args = [__file__, "--child", system, "--steps", str(steps), "--betas", str(beta)]
+    return run_child(python, args, SETTINGS["threads"], system)
 
 
 def main() -> None:

@@ -69,6 +69,13 @@ def rows(run, split="train"):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+def assert_same_weights(run_a, run_b):
+    """The policy and the value head of two runs are bit-identical."""
+    for name in ("model/model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(run / name) for run in (run_a, run_b))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_ppo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
     cfg = config(
         tiny_model_dir,
@@ -179,9 +186,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts, reward_m
     ckpt = tmp_path / "b" / "checkpoints" / "step-0000003"
     assert (ckpt / "rollout-0.json").is_file() and (ckpt / "value_head.safetensors").is_file()
     train(cfg, resume=True, log=quiet)
-    for name in ("model/model.safetensors", "value_head.safetensors"):
-        a, b = (load_file(run / name) for run in (plain, tmp_path / "b"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(plain, tmp_path / "b")
     for ra, rb in zip(rows(plain), rows(tmp_path / "b"), strict=True):
         for key in ("reward", "loss", "grad_norm", "kl_coef", "value_loss", "clip_ratio/policy"):
             assert ra[key] == rb[key], key
@@ -242,17 +247,14 @@ def test_sigterm_mid_batch_checkpoints_and_resume_equals_uninterrupted(
     ckpt = tmp_path / "b" / "checkpoints" / "step-0000001"
     assert (ckpt / "rollout-0.json").is_file() and (ckpt / "value_head.safetensors").is_file()
     train(cfg, resume=True, log=quiet)
-    for name in ("model/model.safetensors", "value_head.safetensors"):
-        a, b = (load_file(run / name) for run in (plain, tmp_path / "b"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(plain, tmp_path / "b")
 
 
 def test_a_stop_on_a_batch_first_step_keeps_the_kl_coefficient_that_batch_started_from(
     tmp_path, tiny_model_dir, prompts, reward_module, monkeypatch
 ):
-    """The adaptive coefficient is updated when a batch is prepared; a run stopped on that batch's first step
-    checkpoints the batch boundary, so it must keep the coefficient from before the update (the resumed run
-    prepares the batch again)."""
+    """A run stopped on a batch's first step checkpoints the batch boundary: it must keep the coefficient that
+    batch was prepared with (the resumed run prepares the batch again)."""
     from preftune.training.engine import NonFiniteError
     from preftune.training.ppo import PPO
 

@@ -374,10 +374,11 @@ def score_groups(
     """log π(y|x) and |y| of every completion of ``groups[i]`` after ``prompts[i]``, each prompt encoded once
     for its group (:func:`shared_prefix_logps`); groups of about ``batch_size`` completions at a time, shortest
     first (less padding). Returns (sums (C,) fp32, lengths (C,) long) on CPU, completions in input order."""
-    flat = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
-    index = {key: i for i, key in enumerate(flat)}
-    sums = torch.zeros(len(flat), dtype=torch.float32)
-    lengths = torch.tensor([len(groups[g][j]) for g, j in flat], dtype=torch.long)
+    first = [0]  # each group's first completion in the flat output
+    for group in groups:
+        first.append(first[-1] + len(group))
+    sums = torch.zeros(first[-1], dtype=torch.float32)
+    lengths = torch.tensor([len(c) for group in groups for c in group], dtype=torch.long)
     order = sorted(range(len(groups)), key=lambda g: len(prompts[g]) + sum(len(c) for c in groups[g]))
     chunk: list[int] = []
     for pos, g in enumerate(order):
@@ -389,7 +390,7 @@ def score_groups(
         logps, completion, _ = shared_prefix_logps(
             model, [prompts[k] for k in chunk], chunk_groups, pad_token_id
         )
-        owners = [index[(k, j)] for k in chunk for j in range(len(groups[k]))]
+        owners = [i for k in chunk for i in range(first[k], first[k + 1])]
         local = torch.zeros(len(owners), dtype=torch.float32, device=logps.device).index_add(
             0, completion, logps
         )

@@ -237,13 +237,6 @@ class Experiment:
             inputs.update(max_pairs=pairs.max_pairs, subset_seed=self.cfg.seed)
         self._stage(stage_with_variant("pairs", variant), inputs, fn)
 
-    def _train_cfg(self, p: PlannedRun, output_dir: Path) -> TrainConfig:
-        tcfg = train_config(self.cfg, p.run, p.beta, output_dir=str(output_dir), seed=p.seed)
-        data = "prompts/train.txt" if p.pairs_stage is None else f"{p.pairs_stage}/pairs.jsonl"
-        tcfg.data.train = str(self.root / data)
-        tcfg.model.name_or_path = self.model_path
-        return tcfg
-
     def reference(self, pairs_stage: str = "pairs", name: str = "reference") -> None:
         """Reference log-probs of every pair of one pairs stage under the starting model, shared by all runs
         on those pairs."""
@@ -284,60 +277,54 @@ class Experiment:
         }
         self._stage(name, inputs, fn)
 
+    def _train_stage(
+        self, name: str, make_cfg, data: str, inputs: dict, ref_file: Path | None = None
+    ) -> None:
+        """Stage ``name``: ``preftune train`` with the config ``make_cfg(output_dir)`` on ``<root>/<data>`` from
+        the experiment's model, resuming after a Ctrl-C; fingerprinted by ``inputs`` and the config."""
+        from ..training import train
+
+        config = make_cfg("run").to_dict()  # no absolute paths: run folders stay movable
+        config["training"].pop("progress")  # display only
+        inputs = {"model": self.model_id, "config": config, **inputs}
+
+        def fn(out: Path) -> dict:
+            tcfg = make_cfg(str(out / "run"))
+            tcfg.data.train = str(self.root / data)
+            tcfg.model.name_or_path = self.model_path
+            if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
+                return json.loads((out / "run" / "result.json").read_text())
+            resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
+            self.log(f"== training {name}" + (" (resuming)" if resume else ""))
+            train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref_file, log=self.log)
+            return json.loads((out / "run" / "result.json").read_text())
+
+        self._stage(name, inputs, fn, resumable=True)
+
     def reward_model(self) -> None:
         """The learned reward model (RLHF's): Bradley–Terry on the experiment's pairs, from the base model.
         Online runs with `reward: learned` train against it; every model is still evaluated with the
         experiment's reward."""
-        from ..training import train
-
-        probe = reward_model_config(self.cfg, output_dir="unused")
-        config = probe.to_dict()
-        config["training"].pop("progress")
-        config["training"].pop("output_dir")
-        inputs = {"model": self.model_id, "pairs": self._fp("pairs"), "config": config}
-
-        def fn(out: Path) -> dict:
-            tcfg = reward_model_config(self.cfg, output_dir=str(out / "run"))
-            tcfg.data.train = str(self.root / "pairs" / "pairs.jsonl")
-            tcfg.model.name_or_path = self.model_path
-            self.log("== training the reward model on the experiment's pairs")
-            train(tcfg, overwrite=True, log=self.log)
-            return json.loads((out / "run" / "result.json").read_text())
-
-        self._stage(REWARD_MODEL_STAGE, inputs, fn)
+        make = lambda output_dir: reward_model_config(self.cfg, output_dir=output_dir)  # noqa: E731
+        self._train_stage(REWARD_MODEL_STAGE, make, "pairs/pairs.jsonl", {"pairs": self._fp("pairs")})
 
     def train_runs(self, planned: list[PlannedRun]) -> None:
-        from ..training import train
-
         for p in planned:
-            probe = probe_config(self.cfg, p)
-            config = probe.to_dict()
-            config["training"].pop("progress")  # display only
-            inputs = {"model": self.model_id, "config": config}
             if p.pairs_stage is None:  # trained online: the prompts and the reward, not the pairs
-                inputs.update(prompts=self._fp("prompts"), reward=self.reward_id)
+                inputs = {"prompts": self._fp("prompts"), "reward": self.reward_id}
                 if p.run.reward == LEARNED:
                     inputs["reward_model"] = self._fp(REWARD_MODEL_STAGE)
             else:
-                inputs["pairs"] = self._fp(p.pairs_stage)
-            if uses_pair_reference(probe):
+                inputs = {"pairs": self._fp(p.pairs_stage)}
+            ref = None
+            if uses_pair_reference(probe_config(self.cfg, p)):
                 inputs["reference"] = self._fp(p.reference_stage)
-
-            def fn(out: Path, p=p) -> dict:
-                tcfg = self._train_cfg(p, out / "run")
-                ref = (
-                    self.root / p.reference_stage / "ref_logps.safetensors"
-                    if uses_pair_reference(tcfg)
-                    else None
-                )
-                if (out / "run" / "result.json").is_file():  # finished, then stopped by a signal
-                    return json.loads((out / "run" / "result.json").read_text())
-                resume = latest_checkpoint(out / "run") is not None  # after a Ctrl-C in this stage
-                self.log(f"== training {p.name}" + (" (resuming)" if resume else ""))
-                train(tcfg, resume=resume, overwrite=not resume, ref_logps_file=ref, log=self.log)
-                return json.loads((out / "run" / "result.json").read_text())
-
-            self._stage(f"train/{p.name}", inputs, fn, resumable=True)
+                ref = self.root / p.reference_stage / "ref_logps.safetensors"
+            data = "prompts/train.txt" if p.pairs_stage is None else f"{p.pairs_stage}/pairs.jsonl"
+            make = lambda output_dir, p=p: train_config(  # noqa: E731
+                self.cfg, p.run, p.beta, output_dir=output_dir, seed=p.seed
+            )
+            self._train_stage(f"train/{p.name}", make, data, inputs, ref)
 
     def _evaluate(self, model, out: Path, held_pairs: list[dict] | None, seed: int) -> dict:
         ec = self.cfg.eval

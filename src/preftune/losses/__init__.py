@@ -44,6 +44,7 @@ from preftune.losses.ppo import (
     gae,
     kl_shaped_rewards,
     masked_mean_var,
+    mean_var_from_sums,
     whiten,
 )
 from preftune.losses.reduction import AGGREGATIONS, aggregate, example_mean
@@ -71,6 +72,7 @@ __all__ = [
     "gae",
     "kl_shaped_rewards",
     "masked_mean_var",
+    "mean_var_from_sums",
     "whiten",
     "ODPO_OFFSETS",
     "PAIR_LOSSES",

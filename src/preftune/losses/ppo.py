@@ -76,13 +76,24 @@ def gae(
     return advantages, (advantages + v) * m
 
 
+def mean_var_from_sums(
+    n: float, total: float, squares: float, *, unbiased: bool = True
+) -> tuple[float, float]:
+    """Mean and variance from a count, Σx and Σx² (sums that several processes can add up); the unbiased
+    variance is 0 below two values."""
+    if n < 1:
+        return 0.0, 0.0
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0)
+    if unbiased:
+        var = var * n / (n - 1) if n > 1 else 0.0
+    return mean, var
+
+
 def masked_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """Mean and unbiased variance of ``x`` over the mask (0, 0 when it holds fewer than two values)."""
-    m = mask.bool()
-    values = x[m].double()
-    if values.numel() < 2:
-        return (float(values.mean()) if values.numel() else 0.0), 0.0
-    return float(values.mean()), float(values.var())
+    values = x[mask.bool()].double()
+    return mean_var_from_sums(values.numel(), float(values.sum()), float((values * values).sum()))
 
 
 def whiten(
@@ -134,6 +145,6 @@ def explained_variance_from_sums(n: float, r: float, r2: float, e: float, e2: fl
     Σ (R − V), Σ (R − V)² (population variances; the ratio does not depend on the choice)."""
     if n < 1:
         return float("nan")
-    var_r = r2 / n - (r / n) ** 2
-    var_e = e2 / n - (e / n) ** 2
+    var_r = mean_var_from_sums(n, r, r2, unbiased=False)[1]
+    var_e = mean_var_from_sums(n, e, e2, unbiased=False)[1]
     return 1.0 - var_e / var_r if var_r > 1e-12 else float("nan")

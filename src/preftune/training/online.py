@@ -10,7 +10,8 @@ it trains on it; the loop is the same for both. One batch of samples is ``prompt
             rollout = sample the completions of this process's prompts and score them (rollout.py)
             method.prepare(rollout): no-grad passes (π_old, π_ref, values) and advantages
         method.train_step(rollout, iteration): micro-batches of training.batch_size completions, backward
-        one guarded optimizer step (engine.Stepper); metrics; completions.jsonl; eval; checkpoint;
+        one guarded optimizer step (engine.Stepper); after a batch's last one, method.end_batch(rollout)
+        (PPO's adaptive KL coefficient); metrics; completions.jsonl; eval; checkpoint;
         a stop requested by a signal, agreed by every process (signals.py)
 
 Sampling draws on seeds derived from (seed, batch, process), so a resumed run samples what the uninterrupted
@@ -22,6 +23,7 @@ reward and the sequence KL to π_ref, both with prompt-clustered standard errors
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import time
@@ -55,7 +57,7 @@ from .rollout import Rollout, collect_rollout
 NO_GRAD_BATCH = 4  # no-grad passes (π_old, π_ref, values) take 4 × training.batch_size completions at a time
 
 
-class OnlineMethod:
+class OnlineMethod(abc.ABC):
     """What a method adds to the online loop. ``s`` is the run's :class:`preftune.training.run.Session`,
     ``reference`` π_ref (None when β = 0)."""
 
@@ -70,28 +72,34 @@ class OnlineMethod:
         """Trainable parameters beside the model's (clipped and stepped with them)."""
         return []
 
+    @abc.abstractmethod
     def prepare(self, model, rollout: Rollout) -> None:
         """Fill in what training on ``rollout`` needs besides the samples (no grad, under autocast)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_step(self, model, rollout: Rollout, iteration: int) -> tuple[dict[str, float], bool]:
         """Backward over the completions of update ``iteration`` of this batch; returns metric sums (with
         ``all_tokens`` and ``padded_tokens``) and whether every loss was finite on every process."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def row(self, sums: dict[str, float], rollout: Rollout) -> dict:
         """The step's method-specific metrics from the (process-summed) ``sums``."""
-        raise NotImplementedError
 
-    def state(self, step: int) -> dict:
-        """JSON state a checkpoint at optimizer step ``step`` keeps (restored by :meth:`load`)."""
+    def end_batch(self, rollout: Rollout) -> None:
+        """After the last update of a batch of samples (before its checkpoint): what moves once per batch."""
+        return None
+
+    def state(self) -> dict:
+        """JSON state a checkpoint keeps (restored by :meth:`load`)."""
         return {}
 
     def save(self, folder: Path) -> None:
-        """Write the method's tensors into a checkpoint folder or the run directory."""
+        """Write the method's tensors into a checkpoint folder or the run directory (none by default)."""
+        return None
 
     def load(self, folder: Path, state: dict) -> None:
-        """Restore from a checkpoint folder and its trainer state."""
+        """Restore from a checkpoint folder and its trainer state (nothing by default)."""
+        return None
 
 
 def train_online(s, method_class: type[OnlineMethod]) -> dict:
@@ -139,7 +147,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
 
         return save_state(
             s.run_dir, step, acc, model, tokenizer, optimizer, scheduler, t.keep_checkpoints,
-            {**stepper.state(), **method.state(step)}, extra=extra,
+            {**stepper.state(), **method.state()}, extra=extra,
         )  # fmt: skip
 
     bar = tqdm(
@@ -175,6 +183,8 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
                         f"step {step + 1}: {exc}; {describe(rollout.prompt_index)}. Lower the learning rate, look "
                         "at the rewards, or set training.skip_nonfinite: true to skip such steps"
                     ) from None
+                if iteration == updates - 1:
+                    method.end_batch(rollout)
                 completed, consistent = step + 1, True
                 now = time.perf_counter()
                 sums = sum_over_processes(acc, sums)
@@ -212,12 +222,15 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     return last
 
 
-def no_grad_logps(model, share: bool):
-    """A no-grad (prompts, groups, pad) -> flat log-probs function of ``model`` (π_old's pass)."""
+def no_grad_logps(model, share: bool, value_head=None):
+    """A no-grad (prompts, groups, pad) -> flat per-token tensors function of ``model`` (π_old's pass): its
+    log-probs, and with ``value_head`` the values it gives the same positions' hidden states (one pass)."""
 
     def logps(prompts, groups, pad):
+        hidden: list | None = [] if value_head is not None else None
         with torch.no_grad():
-            return shared_prefix_logps(model, prompts, groups, pad, share=share)
+            flat, _, _ = shared_prefix_logps(model, prompts, groups, pad, share=share, hidden_out=hidden)
+            return (flat,) if value_head is None else (flat, value_head(hidden[0]))
 
     return logps
 

@@ -13,13 +13,14 @@ some RLHF setups do) would add its weights, gradients and AdamW moments (for a 1
 weights + 0.54 GB of gradients + 1.08 GB of moments) and a second forward and backward per minibatch.
 
 Per batch of rollouts (:meth:`PPO.prepare`, no grad): π_old's log-probs and values in one pass, π_ref's
-log-probs (β > 0), the KL-shaped per-token rewards, GAE, whitened advantages; then the KL coefficient
-adapts (``ppo.adaptive_kl``). Then ``ppo.epochs`` passes over the rollouts, each in ``ppo.minibatches``
+log-probs (β > 0), the KL-shaped per-token rewards, GAE, whitened advantages. Then ``ppo.epochs`` passes over the rollouts, each in ``ppo.minibatches``
 shuffled minibatches, one optimizer step each (:meth:`PPO.train_step`), minimising per token
 
     clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy
 
-averaged over the minibatch's completion tokens. Each piece is a function of :mod:`preftune.losses.ppo`.
+averaged over the minibatch's completion tokens. After the batch's last update the KL coefficient adapts
+(``ppo.adaptive_kl``, :meth:`PPO.end_batch`), so a checkpoint at a batch boundary holds the coefficient the
+next batch starts from. Each piece is a function of :mod:`preftune.losses.ppo`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 import torch
 
 from ..files import save_safetensors_atomic
-from ..logprobs import shared_prefix_logps
 from ..losses import (
     adaptive_kl_coef,
     clip_fractions,
@@ -40,12 +40,13 @@ from ..losses import (
     gae,
     kl_penalty,
     kl_shaped_rewards,
+    mean_var_from_sums,
     whiten,
 )
 from ..models import device_of, unwrap_model
 from ..sampling import derive_seed
 from .engine import sum_over_processes
-from .online import NO_GRAD_BATCH, OnlineMethod, all_finite, micro_batches, train_online
+from .online import NO_GRAD_BATCH, OnlineMethod, all_finite, micro_batches, no_grad_logps, train_online
 from .rollout import Rollout, completion_logps
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -74,7 +75,6 @@ class PPO(OnlineMethod):
         hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(device_of(s.model))
         self.kl_coef = p.beta
-        self.kl_coef_before, self.prepared_batch = p.beta, -1  # the coefficient before the last prepare
 
     # -- the optimizer and checkpoints -------------------------------------------------------------------
     def param_groups(self, params):
@@ -85,13 +85,8 @@ class PPO(OnlineMethod):
     def extra_params(self):
         return list(self.value_head.parameters())
 
-    def state(self, step: int) -> dict:
-        """The KL coefficient; at the boundary of a batch that was prepared but none of whose steps completed
-        (a run stopped on its first step), the coefficient before that batch's update, so that the resumed
-        run prepares it again from the same value."""
-        updates = self.s.cfg.ppo.updates_per_batch
-        unstarted = step == self.prepared_batch * updates
-        return {"kl_coef": self.kl_coef_before if unstarted else self.kl_coef}
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
 
     def save(self, folder: Path) -> None:
         tensors = {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}
@@ -106,25 +101,16 @@ class PPO(OnlineMethod):
     # -- one batch of rollouts ---------------------------------------------------------------------------
     def prepare(self, model, rollout: Rollout) -> None:
         """π_old's log-probs and values, π_ref's log-probs, KL-shaped rewards, GAE, whitened advantages; the
-        batch's statistics over every process; then the adaptive KL coefficient's update."""
+        batch's statistics over every process."""
         s, p, t = self.s, self.s.cfg.ppo, self.s.cfg.training
         acc, G = s.accelerator, p.samples_per_prompt
-        self.kl_coef_before, self.prepared_batch = self.kl_coef, rollout.batch
         pad, width, nograd = (
             s.prep.tokenizer.pad_token_id,
             s.cfg.generation.max_new_tokens,
             NO_GRAD_BATCH * t.batch_size,
         )
-
-        def logps_and_values(prompts, groups, pad_id):
-            hidden: list = []
-            with torch.no_grad():
-                flat, _, _ = shared_prefix_logps(
-                    model, prompts, groups, pad_id, share=t.share_prefix, hidden_out=hidden
-                )
-                return flat, self.value_head(hidden[0])
-
-        old, values = completion_logps(logps_and_values, rollout, pad, nograd, width, G, outputs=2)
+        old_fn = no_grad_logps(model, t.share_prefix, value_head=self.value_head)
+        old, values = completion_logps(old_fn, rollout, pad, nograd, width, G, outputs=2)
         n = len(rollout.completion_ids)
         mask = rollout.loss_mask(range(n), width, mask_truncated=False)  # completions with a reward
         scores = torch.nan_to_num(rollout.rewards).float()
@@ -136,7 +122,7 @@ class PPO(OnlineMethod):
             )
         else:  # β = 0: the score alone, on the last token
             rewards, kl_t = kl_shaped_rewards(scores, old, old, mask, kl_coef=0.0, kl="k1")
-        advantages, returns = gae(rewards, values * mask, mask, gamma=p.gamma, lam=p.lam)
+        advantages, returns = gae(rewards, values, mask, gamma=p.gamma, lam=p.lam)
         m = mask.double()
         sums = sum_over_processes(
             acc,
@@ -155,9 +141,8 @@ class PPO(OnlineMethod):
             },
         )
         tokens, sequences = max(sums["tokens"], 1.0), max(sums["sequences"], 1.0)
-        if p.whiten_advantages:
-            mean = sums["adv"] / tokens
-            var = max(sums["adv2"] / tokens - mean * mean, 0.0) * tokens / max(tokens - 1.0, 1.0)
+        if p.whiten_advantages:  # over every process's tokens
+            mean, var = mean_var_from_sums(sums["tokens"], sums["adv"], sums["adv2"])
             advantages = whiten(advantages, mask, mean=mean, var=var)
         rollout.old_logps, rollout.values, rollout.advantages, rollout.returns = (
             old,
@@ -178,9 +163,14 @@ class PPO(OnlineMethod):
                 ),
             }
         )
+
+    def end_batch(self, rollout: Rollout) -> None:
+        """The adaptive KL coefficient moves once the batch's updates are done, from the batch's KL."""
+        p = self.s.cfg.ppo
         if p.adaptive_kl:
+            n = sum_over_processes(self.s.accelerator, {"n": float(rollout.valid.sum())})["n"]
             self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, kl, target=p.target_kl, horizon=p.kl_horizon, n=int(sequences)
+                self.kl_coef, rollout.stats["kl"], target=p.target_kl, horizon=p.kl_horizon, n=int(n)
             )
 
     # -- one optimizer step: one minibatch of one epoch --------------------------------------------------
