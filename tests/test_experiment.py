@@ -230,3 +230,6 @@ def test_ppo_against_a_reward_model_learned_from_the_pairs(tmp_path, tiny_model_
     assert all(0.0 <= r <= 2.0 for r in eval_rewards)
     with pytest.raises(ConfigError, match="for online methods only"):
         _cfg(tmp_path, tiny_model_dir, methods=[{"method": "dpo", "reward": "learned"}])
+    with pytest.raises(ConfigError, match="learning_rat"):  # the reward model's overrides, checked up front
+        _cfg(tmp_path, tiny_model_dir, methods=[{"method": "ppo", "reward": "learned"}],
+             reward_model={"learning_rat": 1e-5})  # fmt: skip

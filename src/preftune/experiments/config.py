@@ -144,6 +144,8 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
     for i, run in enumerate(cfg.methods):
         _check_method(cfg, run, f"{source}: methods[{i}] ({run.method})")
+    if any(run.reward == LEARNED for run in cfg.methods):  # its bad keys fail before any sampling too
+        reward_model_config(cfg, output_dir="unused")
     names: set[str] = set()
     for planned in plan_runs(cfg):  # build every training config now: bad keys fail before any sampling
         train_config(cfg, planned.run, planned.beta, output_dir="unused", seed=planned.seed)
