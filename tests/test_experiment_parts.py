@@ -129,6 +129,7 @@ def test_reward_model_scorer(tmp_path, tiny_tokenizer):
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     fn = rewards.load_reward(f"reward_model:{tmp_path}")
+    assert fn.fn.device is None  # placed on the first call, once the run's accelerator exists
     prompts = ["The movie was", "Hello world."]
     responses = [" great.", " a waste of time; the plot made no sense."]
     batched = fn(prompts, responses)
@@ -137,6 +138,34 @@ def test_reward_model_scorer(tmp_path, tiny_tokenizer):
     assert batched == pytest.approx(alone, abs=1e-5)  # right padding does not change a score
     with pytest.raises(ValueError, match="not found"):
         rewards.load_reward(f"reward_model:{tmp_path / 'nope'}")
+
+
+def test_reward_model_scorer_takes_the_process_device_on_first_call(tmp_path, tiny_tokenizer, monkeypatch):
+    """Built before the accelerator exists (config checks), the scorer asks for this process's device only
+    when it first scores: under several GPUs each rank then scores on its own device, not on cuda:0."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    asked = []
+
+    def process_device():
+        asked.append(True)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(rewards, "process_device", process_device)
+    fn = rewards.load_reward(f"reward_model:{tmp_path}")
+    assert asked == []
+    fn(["The movie was"], [" great."])
+    fn(["The movie was"], [" bad."])
+    assert asked == [True] and fn.fn.device == torch.device("cpu")
+    explicit = rewards.RewardModelScorer(tmp_path, device="cpu")
+    explicit(["a"], ["b"])
+    assert len(asked) == 1 and explicit.device == torch.device("cpu")
 
 
 # ---- pairs ---------------------------------------------------------------------------

@@ -82,3 +82,36 @@ def test_experiment_runs_on_cuda(tmp_path, tiny_model_dir):
     assert [r["method"] for r in rows] == ["base", "dpo", "dpo", "simpo"]
     summary = json.loads((tmp_path / "exp" / "reference" / "stage.json").read_text())["summary"]
     assert summary["pairs"] > 0
+
+
+_RANK_SCORER = """
+import sys, torch
+from accelerate import Accelerator
+from preftune.rewards import load_reward
+acc = Accelerator()
+fn = load_reward("reward_model:" + sys.argv[1])
+fn(["The movie was"], [" great."])
+assert fn.fn.device == acc.device, (fn.fn.device, acc.device)
+assert next(fn.fn.model.parameters()).device == acc.device
+print("rank", acc.process_index, "scored on", acc.device)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_reward_model_scorer_on_each_ranks_own_gpu(tmp_path, tiny_tokenizer):
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    (tmp_path / "rank.py").write_text(_RANK_SCORER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "rank.py")]
+    out = subprocess.run([*cmd, str(tmp_path / "rm")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "scored on cuda:0" in out.stdout and "scored on cuda:1" in out.stdout

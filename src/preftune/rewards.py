@@ -164,6 +164,11 @@ class RewardModelScorer:
     right-padded (the classification head reads the last non-pad token); a tokenizer
     without a pad token uses its EOS token. Texts longer than ``max_length`` tokens are
     truncated from the right.
+
+    The model is loaded on the CPU and moved on the first call, to ``device`` when given, else to the
+    calling process's device (accelerate's, once a run has set it up; the GPU when there is one otherwise):
+    a scorer built while a config is checked, before the accelerator exists, still lands on each process's
+    own GPU under several processes, not every rank on ``cuda:0``.
     """
 
     def __init__(
@@ -177,7 +182,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoConfig
 
-        from .models import default_device, load_model, load_tokenizer
+        from .models import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -187,7 +192,8 @@ class RewardModelScorer:
         self.path = path
         self.batch_size = batch_size
         self.max_length = max_length
-        self.device = torch.device(device) if device else default_device()
+        self._device = torch.device(device) if device else None
+        self.device: torch.device | None = None  # set on the first call (see the class docstring)
 
         num_labels = AutoConfig.from_pretrained(path).num_labels
         if num_labels != 1:
@@ -196,7 +202,13 @@ class RewardModelScorer:
         self.tokenizer = load_tokenizer(str(path))
         self.tokenizer.padding_side = "right"
         model = load_model(str(path), sequence_classification=True, pad_token_id=self.tokenizer.pad_token_id)
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
+
+    def _place(self):
+        if self.device is None:
+            self.device = self._device or process_device()
+            self.model.to(self.device)
+        return self.device
 
     def _text(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -217,10 +229,22 @@ class RewardModelScorer:
                     truncation=True,
                     max_length=self.max_length,
                     return_tensors="pt",
-                ).to(self.device)
+                ).to(self._place())
                 logits = self.model(**enc).logits  # (B, 1)
                 scores.extend(logits[:, 0].float().cpu().tolist())
         return scores
+
+
+def process_device():
+    """This process's device: accelerate's once a run (or anything else) has set its state up — under
+    several processes each one's own GPU — else :func:`preftune.models.default_device`."""
+    from accelerate.state import PartialState
+
+    from .models import default_device
+
+    if PartialState._shared_state:  # set up: read it, never initialise it from here
+        return PartialState().device
+    return default_device()
 
 
 def _import_callable(spec: str) -> Callable:
