@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="run the controlled sentiment experiment (sample, score, pair, train, evaluate, plot)",
     )
-    _add_config_args(p, "CONFIG.yaml|quick|sweep|paper|full")
+    _add_config_args(p, "CONFIG.yaml|quick|sweep|paper|full|tune")
     p = sub.add_parser("generate", help="sample completions from a run directory or model, optionally scored")
     p.add_argument(
         "model",

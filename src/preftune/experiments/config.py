@@ -1,15 +1,17 @@
-"""Experiment configuration: typed sections, built-in presets (``quick``, ``sweep``, ``paper``, ``full``) and
-overrides.
+"""Experiment configuration: typed sections, built-in presets (``quick``, ``sweep``, ``paper``, ``full``,
+``tune``) and overrides.
 
 The training runs of an experiment are ordinary :class:`preftune.config.TrainConfig` objects built from
 ``train`` (shared settings) plus one ``methods`` entry per method and beta, so every key is checked by
 the same code as ``preftune train``. :func:`plan_runs` lists every (method, beta, pairs setting, seed) run
-with its stage names; the pipeline, the validation here and the tests all read that one list.
+with its stage names; the pipeline, the validation here and the tests all read that one list. With a
+``tune`` section that list holds every candidate setting (learning rate, SimPO's γ/β) of every run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..config import (
 )
 from .pairs import MODES as PAIR_MODES
 
-PRESETS = ("quick", "sweep", "paper", "full")
+PRESETS = ("quick", "sweep", "paper", "full", "tune")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class PromptsConfig:
     heldout_file: str | None = None
     n_train: int | None = None  # use the first n (None = all)
     n_heldout: int | None = None
+    # a seeded share of the (first n_train) training prompts set aside for validation, never trained on
+    validation_fraction: float = 0.0
 
 
 @dataclass
@@ -80,6 +84,7 @@ class MethodRun:
         default_factory=dict
     )  # offline methods: overrides of the experiment's `pairs` section
     reward: str | None = None  # online methods: `learned` = a reward model trained on the experiment's pairs
+    tune: dict = field(default_factory=dict)  # overrides of the experiment's `tune` section for this entry
 
 
 @dataclass
@@ -87,6 +92,17 @@ class EvalConfig(GenerationConfig):
     samples_per_prompt: int = 2
     logp_batch_size: int = 32
     pairs_mode: str = "best_vs_worst"  # held-out preference pairs for the avg-logp agreement diagnostic
+
+
+@dataclass
+class TuneConfig:
+    """``tune:``: every run is trained once per candidate setting, each candidate is evaluated on the
+    validation prompts, and only the chosen one per run (:func:`preftune.experiments.tuning.choose`) is
+    evaluated on the held-out prompts. A methods entry's ``tune: {...}`` overrides these keys for it."""
+
+    learning_rates: list[float] | None = None  # None = the entry's own learning rate only
+    simpo_gamma_beta_ratios: list[float] | None = None  # SimPO: γ = ratio·β (replaces the entry's γ)
+    max_kl: float = 2.0  # nats: the bound on the validation KL within which the highest reward is chosen
 
 
 @dataclass
@@ -105,6 +121,7 @@ class ExperimentConfig:
     methods: list[MethodRun] = field(default_factory=lambda: [MethodRun()])
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward_model: dict = field(default_factory=dict)  # `train` overrides for the learned reward model
+    tune: TuneConfig | None = None  # None = no tuning: each run as configured, evaluated on held-out prompts
     progress: bool = True
 
 
@@ -140,6 +157,7 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
         )
     if cfg.sample.k < 2:
         raise ConfigError(f"{source}: sample.k must be >= 2 to build pairs, got {cfg.sample.k}")
+    _check_tune(cfg, source)
     if cfg.seeds is not None and (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)):
         raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
     for i, run in enumerate(cfg.methods):
@@ -256,7 +274,9 @@ class PlannedRun:
     ``label`` names the (method, options, pairs, beta) across seeds: one results row per label.
     ``name`` is the stage name under ``train/`` and ``eval/`` (``label`` plus ``-seed<s>`` with several
     seeds). ``pairs`` is None for online methods; ``pairs_variant`` is the pairs suffix without its dash
-    (None on the experiment's default pairs)."""
+    (None on the experiment's default pairs). With a ``tune`` section each run is one candidate setting
+    (its label ends in ``-lr<learning rate>``) and ``group`` is the label of the run it is a candidate for
+    (SimPO's γ left out when γ/β is tuned): one setting per group is chosen. None without tuning."""
 
     name: str
     label: str
@@ -265,6 +285,7 @@ class PlannedRun:
     seed: int
     pairs: PairsConfig | None
     pairs_variant: str | None
+    group: str | None = None
 
     @property
     def pairs_stage(self) -> str | None:
@@ -282,7 +303,8 @@ def stage_with_variant(stage: str, variant: str | None) -> str:
 
 def plan_runs(cfg: ExperimentConfig) -> list[PlannedRun]:
     """Every training run of the experiment, seed-major: every run of the first seed, then the next seed's
-    (so an interrupted experiment has whole seeds trained)."""
+    (so an interrupted experiment has whole seeds trained). With a ``tune`` section, every candidate of
+    every run (:func:`tune_candidates`)."""
     seeds = experiment_seeds(cfg)
     planned = []
     for seed in seeds:
@@ -290,19 +312,94 @@ def plan_runs(cfg: ExperimentConfig) -> list[PlannedRun]:
             pairs = run_pairs(cfg, run)
             suffix = pairs_suffix(cfg.pairs, pairs)
             for beta in run.betas:
-                label = run_name(run, beta, suffix)
-                planned.append(
-                    PlannedRun(
-                        name=label + seed_suffix(seed, seeds),
-                        label=label,
-                        run=run,
-                        beta=beta,
-                        seed=seed,
-                        pairs=pairs,
-                        pairs_variant=suffix[1:] or None,
+                for candidate, label, group in tune_candidates(cfg, run, beta, suffix):
+                    planned.append(
+                        PlannedRun(
+                            name=label + seed_suffix(seed, seeds),
+                            label=label,
+                            run=candidate,
+                            beta=beta,
+                            seed=seed,
+                            pairs=pairs,
+                            pairs_variant=suffix[1:] or None,
+                            group=group,
+                        )
                     )
-                )
     return planned
+
+
+def entry_tune(cfg: ExperimentConfig, run: MethodRun, where: str = "methods entry") -> TuneConfig | None:
+    """A methods entry's tuning: the experiment's `tune` with the entry's `tune` keys on top; None without
+    a `tune` section."""
+    if cfg.tune is None:
+        return None
+    try:
+        return build_dataclass(TuneConfig, {**vars(cfg.tune), **run.tune}, prefix=f"{where}: tune")
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def tune_candidates(
+    cfg: ExperimentConfig, run: MethodRun, beta: float, suffix: str = ""
+) -> list[tuple[MethodRun, str, str | None]]:
+    """The candidate settings of one (entry, beta) as ``(methods entry, label, group)``: one per learning
+    rate of the entry's `tune` (its own learning rate when none is listed) times, for SimPO, one per γ/β
+    ratio (γ = ratio·β). Without a `tune` section: the entry itself, its usual label and no group.
+
+    Example: ``learning_rates: [2e-5, 5e-5]`` on ``{method: dpo, betas: [0.1]}`` gives the labels
+    ``dpo-beta0.1-lr2e-05`` and ``dpo-beta0.1-lr5e-05``, both of group ``dpo-beta0.1``."""
+    tune = entry_tune(cfg, run)
+    if tune is None:
+        return [(run, run_name(run, beta, suffix), None)]
+    lrs = tune.learning_rates or [run.training.get("learning_rate", cfg.train.learning_rate)]
+    ratios = tune.simpo_gamma_beta_ratios if run.method == "simpo" else None
+    group_run = run
+    if ratios:  # the group is named without the γ it tunes
+        group_run = dataclasses.replace(run, options={k: v for k, v in run.options.items() if k != "gamma"})
+    group = run_name(group_run, beta, suffix)
+    out = []
+    for lr in lrs:
+        for ratio in ratios or [None]:
+            options = run.options if ratio is None else {**run.options, "gamma": round(ratio * beta, 10)}
+            candidate = dataclasses.replace(
+                run, betas=[beta], options=options, training={**run.training, "learning_rate": lr}
+            )
+            out.append((candidate, f"{run_name(candidate, beta, suffix)}-lr{float(lr):g}", group))
+    return out
+
+
+def _check_tune(cfg: ExperimentConfig, source: str) -> None:
+    fraction = cfg.prompts.validation_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"{source}: prompts.validation_fraction must be in [0, 1), got {fraction}")
+    if cfg.tune is None:
+        for i, run in enumerate(cfg.methods):
+            if run.tune:
+                raise ConfigError(
+                    f"{source}: methods[{i}] ({run.method}) has `tune` keys but the experiment has no "
+                    "`tune` section; add `tune: {}` (or its settings) to tune"
+                )
+        return
+    if fraction == 0.0:
+        raise ConfigError(
+            f"{source}: tune chooses each run's setting on validation prompts, and there are none: set "
+            "prompts.validation_fraction > 0 (e.g. 0.25); choosing on the held-out prompts would report the "
+            "best of several tries as if it were one"
+        )
+    for i, run in enumerate(cfg.methods):
+        where = f"{source}: methods[{i}] ({run.method})"
+        tune = entry_tune(cfg, run, where)
+        if tune.learning_rates is not None and (not tune.learning_rates or min(tune.learning_rates) <= 0):
+            raise ConfigError(
+                f"{where}: tune.learning_rates must be positive numbers, got {tune.learning_rates}"
+            )
+        ratios = tune.simpo_gamma_beta_ratios
+        if ratios is not None and (not ratios or min(ratios) < 0):
+            raise ConfigError(f"{where}: tune.simpo_gamma_beta_ratios must be numbers >= 0, got {ratios}")
+        if "simpo_gamma_beta_ratios" in run.tune and run.method != "simpo":
+            raise ConfigError(f"{where}: tune.simpo_gamma_beta_ratios is for simpo entries only")
+        if tune.max_kl <= 0:
+            raise ConfigError(f"{where}: tune.max_kl must be > 0 nats, got {tune.max_kl}")
 
 
 def _split_method(entry: Any, i: int, source: str) -> dict:
@@ -314,7 +411,7 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
         out["betas"] = entry.pop("betas")
     if "beta" in entry:
         raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
-    for section in ("training", "generation", "pairs", "reward"):
+    for section in ("training", "generation", "pairs", "reward", "tune"):
         if section in entry:
             out[section] = entry.pop(section)
     out["options"] = entry

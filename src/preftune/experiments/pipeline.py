@@ -20,6 +20,13 @@ derives from it), and so is the base model's evaluation, so that a trained model
 seed are judged on samples drawn with the same random numbers. ``results.csv`` then holds one row per run with
 the mean and standard error over seeds (``results_by_seed.csv`` the per-seed rows), and ``claims.json`` the
 papers' claims decided from those numbers (:mod:`preftune.experiments.claims`).
+
+Tuning (a ``tune`` section, with ``prompts.validation_fraction`` > 0): a seeded share of the training prompts
+is set aside as validation prompts (``prompts/validation.txt``; never sampled for pairs nor trained on), every
+candidate setting of every run is trained (``train/<run>-lr<lr>``) and evaluated on them like the held-out
+evaluation (``validation/...``), one candidate per run is chosen (:mod:`preftune.experiments.tuning`, written to
+``tuning.csv`` / ``tuning.json``), and only the chosen candidates are evaluated on the held-out prompts and
+reported.
 """
 
 from __future__ import annotations
@@ -45,13 +52,22 @@ from ..rewards import RewardError, load_reward
 from ..sampling import derive_seed, generation_kwargs, sample_responses
 from ..training.checkpoint import latest_checkpoint
 from ..training.reference import needs_reference
-from .claims import claims_markdown, evaluate_claims, format_claims
+from .claims import (
+    PROMPT,
+    SEED,
+    claims_markdown,
+    evaluate_claims,
+    format_claims,
+    prompt_replicates,
+    seed_replicates,
+)
 from .config import (
     LEARNED,
     REWARD_MODEL_STAGE,
     ExperimentConfig,
     PairsConfig,
     PlannedRun,
+    entry_tune,
     experiment_seeds,
     load_experiment_config,
     plan_runs,
@@ -63,16 +79,18 @@ from .config import (
 )
 from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint, text_sha256
 from .pairs import build_pairs, subsample_pairs
-from .prompts import load_prompts
+from .prompts import load_prompts, split_validation
 from .report import (
     aggregate_seeds,
     format_table,
+    plot_claims,
     plot_frontier,
     plot_training_curves,
     write_report_md,
     write_results,
 )
 from .stages import read_stage, run_stage
+from .tuning import mark_chosen, tuning_markdown
 
 __all__ = ["load_experiment_config", "run_experiment"]
 
@@ -118,6 +136,7 @@ class Experiment:
         self.reward_id = reward_fingerprint(cfg.reward)
         self.device = default_device()
         self._base = None
+        self.tuning: list[dict] | None = None  # every candidate's validation row, once `tune` has run
 
     # -- shared resources ---------------------------------------------------------------------------------
     @property
@@ -149,14 +168,23 @@ class Experiment:
             for split, path in (("train", p.train_file), ("heldout", p.heldout_file))
         }
 
+        validation_seed = derive_seed(self.cfg.seed, "validation")
+
         def fn(out: Path) -> dict:
             train = load_prompts(p.train_file, "train")[: p.n_train]
+            train, validation = split_validation(train, p.validation_fraction, validation_seed)
             held = load_prompts(p.heldout_file, "heldout")[: p.n_heldout]
             (out / "train.txt").write_text("\n".join(train) + "\n")
             (out / "heldout.txt").write_text("\n".join(held) + "\n")
+            if validation:
+                (out / "validation.txt").write_text("\n".join(validation) + "\n")
+                return {"train": len(train), "validation": len(validation), "heldout": len(held)}
             return {"train": len(train), "heldout": len(held)}
 
-        self._stage("prompts", {"files": files, "n_train": p.n_train, "n_heldout": p.n_heldout}, fn)
+        inputs = {"files": files, "n_train": p.n_train, "n_heldout": p.n_heldout}
+        if p.validation_fraction:  # absent otherwise: experiments without validation keep their fingerprints
+            inputs.update(validation_fraction=p.validation_fraction, validation_seed=validation_seed)
+        self._stage("prompts", inputs, fn)
 
     def _read_prompts(self, split: str) -> list[str]:
         return (self.root / "prompts" / f"{split}.txt").read_text().splitlines()
@@ -326,11 +354,13 @@ class Experiment:
             )
             self._train_stage(f"train/{p.name}", make, data, inputs, ref)
 
-    def _evaluate(self, model, out: Path, held_pairs: list[dict] | None, seed: int) -> dict:
+    def _evaluate(
+        self, model, out: Path, held_pairs: list[dict] | None, seed: int, split: str = "heldout"
+    ) -> dict:
         ec = self.cfg.eval
         seed = derive_seed(seed, "eval")  # its own stream: never the training samples' seeds
         summary = self._sample(
-            model, self._read_prompts("heldout"), out, k=ec.samples_per_prompt, sc=ec, seed=seed
+            model, self._read_prompts(split), out, k=ec.samples_per_prompt, sc=ec, seed=seed
         )
         records = read_jsonl(out / "samples.jsonl")
         rewards = [s for r in records for s in r["scores"]]
@@ -340,16 +370,19 @@ class Experiment:
         summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards, clusters))))
         if model is self.base:  # log π_θ − log π_ref is 0 for every sample: no forward pass needed
             summary.update(kl_mean=0.0, kl_se=0.0)
+            log_ratios = [0.0] * len(rewards)
         else:
             # each prompt encoded once for its samples
             ids, groups = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
             policy_logps, _ = score_groups(model, ids, groups, pad_token_id=pad, batch_size=bs)
             ref_logps, _ = score_groups(self.base, ids, groups, pad_token_id=pad, batch_size=bs)
             kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist(), clusters)
+            log_ratios = [a - b for a, b in zip(policy_logps.tolist(), ref_logps.tolist())]
             summary.update(kl_mean=kl[0], kl_se=kl[1])
         if held_pairs:
             summary.update(self._agreement(model, held_pairs))
         write_json_atomic(out / "rewards.json", rewards)
+        write_json_atomic(out / "kl.json", log_ratios)  # per sample: the one-seed claims pair them by prompt
         return summary
 
     def _heldout_pairs(self, samples_file: Path) -> list[dict]:
@@ -367,7 +400,12 @@ class Experiment:
             )
         return rows
 
-    def _evaluate_seed(self, seed: int, planned: list[PlannedRun], suffix: str) -> list[dict]:
+    def _evaluate_seed(
+        self, seed: int, planned: list[PlannedRun], suffix: str, split: str = "heldout"
+    ) -> list[dict]:
+        """One seed's evaluations on the held-out prompts (stages ``eval/...``) or, with ``split``
+        ``"validation"``, the same evaluations on the validation prompts (stages ``validation/...``)."""
+        folder = "eval" if split == "heldout" else split
         base_inputs = {
             "prompts": self._fp("prompts"),
             "model": self.model_id,
@@ -375,14 +413,18 @@ class Experiment:
             "eval": vars(self.cfg.eval),
             "seed": seed,
             "reward": self.reward_id,
+            # the per-sample files the paired claims read (an evaluation cached without kl.json reruns)
+            "per_sample": ["rewards.json", "kl.json"],
         }
+        if split != "heldout":  # absent for held-out: their stages keep their fingerprints
+            base_inputs["split"] = split
 
         def base_fn(out: Path) -> dict:
-            summary = self._evaluate(self.base, out, None, seed)
+            summary = self._evaluate(self.base, out, None, seed, split)
             held = self._heldout_pairs(out / "samples.jsonl")
             return {**summary, **(self._agreement(self.base, held) if held else {})}
 
-        base = f"eval/base{suffix}"
+        base = f"{folder}/base{suffix}"
         self._stage(base, base_inputs, base_fn)
         held = self._heldout_pairs(self.root / base / "samples.jsonl")
         base_rewards = json.loads((self.root / base / "rewards.json").read_text())
@@ -393,12 +435,48 @@ class Experiment:
 
             def fn(out: Path, model_dir=model_dir) -> dict:
                 model = load_for_inference(str(model_dir), dtype=self.cfg.dtype).to(self.device).eval()
-                return self._evaluate(model, out, held, seed)
+                return self._evaluate(model, out, held, seed, split)
 
-            self._stage(f"eval/{p.name}", inputs, fn)
-            rewards = json.loads((self.root / "eval" / p.name / "rewards.json").read_text())
-            rows.append(self._row(p, seed, self._read(f"eval/{p.name}")["summary"], rewards, base_rewards))
+            self._stage(f"{folder}/{p.name}", inputs, fn)
+            rewards = json.loads((self.root / folder / p.name / "rewards.json").read_text())
+            summary = self._read(f"{folder}/{p.name}")["summary"]
+            rows.append(self._row(p, seed, summary, rewards, base_rewards))
         return rows
+
+    def tune(self, planned: list[PlannedRun]) -> list[PlannedRun]:
+        """Evaluate every candidate on the validation prompts (stages ``validation/...``, seed means with
+        several seeds), choose one per run (:mod:`.tuning`), write ``tuning.csv`` / ``tuning.json`` (the base
+        model's validation row, then every candidate's with ``group``, ``learning_rate``, ``gamma``,
+        ``max_kl``, ``within_kl``, ``chosen``); returns the chosen candidates' planned runs, every seed."""
+        seeds = experiment_seeds(self.cfg)
+        rows = []
+        for seed in seeds:
+            mine = [p for p in planned if p.seed == seed]
+            rows += self._evaluate_seed(seed, mine, seed_suffix(seed, seeds), split="validation")
+        if len(seeds) > 1:
+            rows = aggregate_seeds(rows)
+        by_label = {p.label: p for p in planned}
+        base = [r for r in rows if r["run"] == "base"]
+        candidates = [{**r, **self._candidate_keys(by_label[r["run"]])} for r in rows if r["run"] != "base"]
+        self.tuning = mark_chosen(candidates)
+        write_results(self.root, base + self.tuning, name="tuning")
+        chosen = [r for r in self.tuning if r["chosen"]]
+        for r in chosen:
+            bound = "within" if r["within_kl"] else "none within, lowest KL"
+            self.log(
+                f"[tune] {r['group']}: {r['run']} (validation reward {r['reward_mean']:.3f}, "
+                f"KL {r['kl_mean']:.2f}; max KL {r['max_kl']:g}: {bound})"
+            )
+        labels = {r["run"] for r in chosen}
+        return [p for p in planned if p.label in labels]
+
+    def _candidate_keys(self, p: PlannedRun) -> dict:
+        return {
+            "group": p.group,
+            "learning_rate": p.run.training["learning_rate"],
+            "gamma": p.run.options.get("gamma") if p.run.method == "simpo" else None,
+            "max_kl": entry_tune(self.cfg, p.run).max_kl,
+        }
 
     def _agreement(self, model, held: list[dict]) -> dict:
         """SimPO's diagnostic on held-out pairs: does the average log-likelihood order agree with the reward?"""
@@ -431,12 +509,29 @@ class Experiment:
             "n_samples": len(rewards),
             "win_rate_se": win_se,
             "logp_agreement_se": agreement_se(summary),
+            "heldout_pairs": summary.get("heldout_pairs"),
             "run": "base" if base else p.label,
             "seed": seed,
             "pairs": None if base else p.pairs_variant,
             "pairs_mode": None if base or p.pairs is None else p.pairs.mode,
             "n_pairs": None if base or p.pairs is None else self._read(p.pairs_stage)["summary"]["pairs"],
         }
+
+    def _per_sample(self, planned: list[PlannedRun]) -> dict[str, dict]:
+        """One seed's per-sample held-out rewards and log-ratios per model (``eval/<run>/rewards.json``,
+        ``kl.json``; ``kl`` None in an evaluation older than kl.json), keyed like the result rows' ``run``."""
+        folders = {
+            "base": self.root / "eval" / "base",
+            **{p.label: self.root / "eval" / p.name for p in planned},
+        }
+        out = {}
+        for key, folder in folders.items():
+            kl = folder / "kl.json"
+            out[key] = {
+                "rewards": json.loads((folder / "rewards.json").read_text()),
+                "kl": json.loads(kl.read_text()) if kl.is_file() else None,
+            }
+        return out
 
     def report(self, rows: list[dict], planned: list[PlannedRun]) -> tuple[list[dict], list[dict]]:
         """Write the results (seed means and SEs over seeds when there are several seeds, the per-seed rows
@@ -447,7 +542,12 @@ class Experiment:
             write_results(self.root, rows, name="results_by_seed")
             results = aggregate_seeds(rows)
         write_results(self.root, results)
-        claims = evaluate_claims(results)
+        if len(seeds) > 1:  # paired per seed; with one seed, per held-out prompt
+            claims = evaluate_claims(results, seed_replicates(rows), SEED)
+        else:
+            per_sample = self._per_sample(planned)
+            replicates = prompt_replicates(results, per_sample, self.cfg.eval.samples_per_prompt)
+            claims = evaluate_claims(results, replicates, PROMPT)
         write_json_atomic(self.root / "claims.json", claims)
         title = f"{self.cfg.name}: reward vs KL" + (
             f" (mean ± SE over {len(seeds)} seeds)" if len(seeds) > 1 else ""
@@ -472,7 +572,10 @@ class Experiment:
             **{stage: self._read(stage)["summary"] for stage in pairs_stages},
             "sampling": self._read("samples")["summary"],
         }
-        write_report_md(self.root, results, summary, images, sections={"Claims": claims_markdown(claims)})
+        sections = {"Claims": claims_markdown(claims, plot_claims(self.root, claims))}
+        if self.tuning is not None:
+            sections["Tuning (validation prompts)"] = tuning_markdown(self.tuning)
+        write_report_md(self.root, results, summary, images, sections=sections)
         return results, claims
 
 
@@ -513,13 +616,16 @@ def _run(cfg: ExperimentConfig, log) -> list[dict]:
     if any(p.run.reward == LEARNED for p in planned):
         exp.reward_model()
     exp.train_runs(planned)
+    if cfg.tune is not None:  # every candidate judged on the validation prompts; only the chosen go on
+        planned = exp.tune(planned)
     rows = exp.evaluate_all(planned)
     results, claims = exp.report(rows, planned)
     log("\n" + format_table(results))
     if claims:
         log("\n" + format_claims(claims))
     log(
-        f"\nresults in {root} (results.csv, results.json, claims.json, frontier.png, report.md) — "
+        f"\nresults in {root} (results.csv, results.json, claims.json, frontier.png, report.md"
+        f"{', tuning.csv' if cfg.tune is not None else ''}) — "
         f"{time.time() - started:.0f}s"
     )
     return results

@@ -6,11 +6,14 @@ project (the IMDB data set the DPO and ODPO papers use cannot be downloaded here
 of neutral text that stops mid-sentence ("I watched this film last Sunday with my brother, and"), so the
 model, not the prompt, decides the sentiment. Genre words (horror, comedy, war) do appear; the reward scores
 the response only, never the prompt. The train and held-out lists are fixed and disjoint: 255 training
-openings and 85 held-out openings used only for evaluation.
+openings and 85 held-out openings used only for evaluation. An experiment may set aside a seeded share of
+its training prompts for validation (:func:`split_validation`): they are never trained on, and settings are
+chosen on them so that the held-out prompts judge each chosen setting once.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -48,3 +51,27 @@ def load_prompts(path: str | Path | None = None, split: Split = "train") -> list
     if not rows:
         raise ValueError(f"prompt file {name} contains no prompts (only blank lines or '#' comments)")
     return [row["prompt"] for row in rows]
+
+
+def split_validation(prompts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Set aside ``round(fraction · n)`` of ``prompts`` (at least one when ``fraction`` > 0) for validation.
+
+    The validation prompts are drawn by a shuffle seeded by ``seed``; both parts keep the prompts' order, and
+    ``fraction`` 0 returns ``(prompts, [])``. Example: 8 prompts at 0.25 -> 6 training and 2 validation
+    prompts, the same two for the same seed.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1), or no training prompt left.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(prompts), []
+    n_val = max(1, round(fraction * len(prompts)))
+    if n_val >= len(prompts):
+        raise ValueError(
+            f"a validation fraction of {fraction} of {len(prompts)} training prompts leaves none to train on"
+        )
+    picked = set(random.Random(seed).sample(range(len(prompts)), n_val))
+    train = [p for i, p in enumerate(prompts) if i not in picked]
+    return train, [p for i, p in enumerate(prompts) if i in picked]

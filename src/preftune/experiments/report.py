@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import metrics as M
 from ..files import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .claims import series_label
+from .claims import interpolation_weights, series_label
 
 RESULT_KEYS = (
     "method",
@@ -139,64 +139,308 @@ def _num(value) -> float:
     return 0.0 if value is None else float(value)
 
 
-def plot_frontier(rows: list[dict], path: str | Path, *, title: str | None = None) -> Path:
-    """Reward (y, ± SE) against sequence-level KL (x, ± SE): one line per method (and pairs variant).
+MARKERS = "osD^v<>ph*"  # one per pairs setting, in order of first appearance (lines: solid, then dashed)
 
-    Points of a method are joined in order of KL and labelled with their β; the base
-    model is a star at its KL (0 when ``kl_mean`` is None). Up and to the left is better.
-    The error bars are the rows' ``reward_se`` and ``kl_se``: over seeds for seed means.
-    """
-    rows = _check_rows(rows)
-    fig = _new_figure((7.5, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
-    methods: dict[str, list[dict]] = {}
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by series (method and pairs setting), each sorted by KL; base rows under ``base``."""
+    series: dict[str, list[dict]] = {}
     for row in rows:
         if row["reward_mean"] is None:
             raise ValueError(f"result row {row['method']} beta={row['beta']}: reward_mean is None")
         if row["method"] != "base" and row["kl_mean"] is None:
             raise ValueError(f"result row {row['method']} beta={row['beta']}: kl_mean is None")
-        methods.setdefault(series_label(str(row["method"]), row.get("pairs")), []).append(row)
+        series.setdefault(series_label(str(row["method"]), row.get("pairs")), []).append(row)
+    return {k: v if k == "base" else sorted(v, key=lambda r: r["kl_mean"]) for k, v in series.items()}
 
-    for method, group in methods.items():
-        if method == "base":
-            continue
-        group = sorted(group, key=lambda r: r["kl_mean"])
-        xs = [r["kl_mean"] for r in group]
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _segment_boxes(polyline, step: float = 3.0, half: float = 1.5) -> list[tuple[float, float, float, float]]:
+    """Small boxes every ``step`` display pixels along a polyline (display coordinates): a line as obstacles."""
+    boxes = []
+    for (x0, y0), (x1, y1) in zip(polyline, polyline[1:]):
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / step))
+        for i in range(n + 1):
+            x, y = x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n
+            boxes.append((x - half, y - half, x + half, y + half))
+    return boxes
+
+
+def place_labels(ax, labels: list[tuple[float, float, str, str]], lines=(), *, fontsize: float = 7.5) -> list:
+    """Annotate each point (x, y, text, colour) with its label where it overlaps no other label, no point and
+    no line of ``lines`` (polylines in data coordinates, e.g. the series and their error bars) and stays
+    inside the axes: candidates on rings of growing radius around the point, the first free one taken
+    (greedy, in order); where no place misses the lines, the first that misses labels and points. A label
+    set away from its point gets a thin leader line; each has a light background. The axes' limits are fixed
+    first (labels must not move them). Returns the annotations."""
+    import numpy as np
+
+    fig = ax.figure
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_window_extent(renderer)
+    points = [tuple(ax.transData.transform((x, y))) for x, y, _, _ in labels]
+    hard = [(px - 4, py - 4, px + 4, py + 4) for px, py in points]  # markers, then the labels placed
+    soft = [b for line in lines for b in _segment_boxes([tuple(ax.transData.transform(p)) for p in line])]
+    soft_arr = np.array(soft, dtype=float).reshape(-1, 4)
+    scale = fig.dpi / 72.0  # points -> display pixels
+
+    def free(cand, obstacles) -> bool:
+        o = np.asarray(obstacles, dtype=float).reshape(-1, 4)
+        return not np.any(
+            (cand[0] < o[:, 2]) & (o[:, 0] < cand[2]) & (cand[1] < o[:, 3]) & (o[:, 1] < cand[3])
+        )
+
+    out = []
+    for (x, y, text, color), (px, py) in zip(labels, points):
+        probe = fig.text(0, 0, text, fontsize=fontsize)
+        extent = probe.get_window_extent(renderer)
+        w, h = extent.width, extent.height
+        probe.remove()
+        candidates = []
+        for radius in (4, 8, 13, 19, 26, 35, 46, 60):
+            for k in range(16):
+                angle = math.pi / 4 + k * math.pi / 8  # up-right first, then round the circle
+                c, si = math.cos(angle), math.sin(angle)
+                cx, cy = px + radius * scale * c, py + radius * scale * si
+                x0 = cx if c > 0.2 else cx - w if c < -0.2 else cx - w / 2
+                y0 = cy if si > 0.2 else cy - h if si < -0.2 else cy - h / 2
+                cand = (x0 - 1, y0 - 1, x0 + w + 1, y0 + h + 1)
+                if box.x0 <= cand[0] and box.y0 <= cand[1] and cand[2] <= box.x1 and cand[3] <= box.y1:
+                    candidates.append((radius, cand))
+        chosen = next((rc for rc in candidates if free(rc[1], hard) and free(rc[1], soft_arr)), None)
+        chosen = chosen or next((rc for rc in candidates if free(rc[1], hard)), None)
+        if chosen is None:  # nowhere free: up and right of the point, overlapping
+            chosen = (4, (px + 4 * scale, py + 4 * scale, px + 4 * scale + w, py + 4 * scale + h))
+        radius, cand = chosen
+        hard.append(cand)
+        offset = ((cand[0] + 1 - px) / scale, (cand[1] + 1 - py) / scale)  # points: immune to a tight crop
+        arrow = {"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.8} if radius > 8 else None
+        out.append(
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=offset,
+                textcoords="offset points",
+                ha="left",
+                va="bottom",
+                fontsize=fontsize,
+                color=color,
+                arrowprops=arrow,
+                bbox={
+                    "boxstyle": "square,pad=0.05",
+                    "facecolor": "white",
+                    "edgecolor": "none",
+                    "alpha": 0.75,
+                },
+            )
+        )
+    return out
+
+
+def plot_frontier(rows: list[dict], path: str | Path, *, title: str | None = None) -> Path:
+    """Reward (y, ± SE) against sequence-level KL (x, ± SE, log scale): one line per method and pairs setting.
+
+    Points of a series are joined in order of KL and labelled with their β in the series' colour, each label
+    where it collides with no other (:func:`place_labels`); a pairs variant has its own marker and a dashed
+    line. KL is drawn on a log axis, so that points crowded at small KL spread out; the base model (KL 0) is
+    a horizontal line with its ± SE band. Up and to the left is better. The error bars are the rows'
+    ``reward_se`` and ``kl_se``: over seeds for seed means.
+    """
+    rows = _check_rows(rows)
+    series = _series(rows)
+    fig = _new_figure((9.0, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = [f"C{i}" for i in range(10)] + ["#555555", "#8c6d31", "#393b79", "#637939"]
+    pairs_order: list = []
+    labels, lines = [], []
+    positive = [r["kl_mean"] for r in rows if r["method"] != "base" and r["kl_mean"] > 0]
+    floor = min(positive) / 2 if positive else 1e-3  # where a KL ≤ 0 (noise) is drawn on the log axis
+    for i, (name, group) in enumerate(s for s in series.items() if s[0] != "base"):
+        pairs = group[0].get("pairs")
+        if pairs not in pairs_order:
+            pairs_order.append(pairs)
+        style = pairs_order.index(pairs)
+        colour = colours[i % len(colours)]
+        xs = [max(r["kl_mean"], floor) for r in group]  # a log axis: a KL ≤ 0 (noise) sits at the floor
         ys = [r["reward_mean"] for r in group]
         ax.errorbar(
             xs,
             ys,
             xerr=[_num(r["kl_se"]) for r in group],
             yerr=[_num(r["reward_se"]) for r in group],
-            marker="o",
+            marker=MARKERS[style % len(MARKERS)],
             markersize=5,
-            linewidth=1.5,
-            capsize=3,
-            label=method,
+            linewidth=1.4,
+            linestyle="-" if style == 0 else "--",
+            capsize=2.5,
+            elinewidth=0.8,
+            color=colour,
+            label=name,
         )
-        for r, x, y in zip(group, xs, ys):
-            if r["beta"] is not None:
-                ax.annotate(f"β={r['beta']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-
-    for r in methods.get("base", []):
-        ax.errorbar(
-            [_num(r["kl_mean"])],
-            [r["reward_mean"]],
-            yerr=[_num(r["reward_se"])],
-            marker="*",
-            markersize=14,
-            color="black",
-            linestyle="none",
-            capsize=3,
-            label="base",
-        )
-
-    ax.set_xlabel(KL_LABEL)
+        labels += [
+            (x, y, f"β={r['beta']:g}", colour) for r, x, y in zip(group, xs, ys) if r["beta"] is not None
+        ]
+        lines.append(list(zip(xs, ys)))
+        for r, x, y in zip(group, xs, ys):  # the error bars
+            dx, dy = _num(r["kl_se"]), _num(r["reward_se"])
+            lines += [[(max(x - dx, floor), y), (x + dx, y)], [(x, y - dy), (x, y + dy)]]
+    for r in series.get("base", []):
+        y, se = r["reward_mean"], _num(r["reward_se"])
+        ax.axhline(y, color="black", linestyle=":", linewidth=1.2, label="base (KL 0)")
+        if se:
+            ax.axhspan(y - se, y + se, color="black", alpha=0.08, linewidth=0)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_kl_formatter())
+    ax.xaxis.set_minor_formatter(_kl_formatter(minor=True))
+    ax.set_xlabel(KL_LABEL + ", log scale")
     ax.set_ylabel(REWARD_LABEL)
     ax.set_title(title or "Reward vs KL frontier (up and left is better)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.margins(x=0.08, y=0.08)
+    place_labels(ax, labels, lines)
     return _save_png(fig, path)
+
+
+def _kl_formatter(minor: bool = False):
+    """Tick labels for a log KL axis: plain numbers (0.5, 1, 2, 5), minor ticks only at 2 and 5 × 10^k."""
+    from matplotlib.ticker import FuncFormatter
+
+    def fmt(value, _pos):
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        if minor and round(mantissa) not in (2, 5):
+            return ""
+        return f"{value:g}"
+
+    return FuncFormatter(fmt)
+
+
+VERDICT_COLOURS = {"held": "#2a7d2a", "not held": "#b22222", "not separable": "#666666"}
+
+
+def _claim_numbers(c: dict) -> str:
+    if c.get("difference") is None:
+        return "no difference computable"
+    text = f"d = {c['difference']:+.3f} ± {_fmt(c.get('se'))}"
+    if c.get("df") is not None:
+        text += f", t*({c['df']}) = {c['critical']:.2f}"
+    return text
+
+
+def plot_claim(claim: dict, path: str | Path) -> Path:
+    """A frontier claim's own small panel (a claims.json record with a ``panel``): the two frontiers it compares
+    (means ± SE), the KL range they are compared over shaded and their interpolation drawn thick over it (or
+    the two nearest points joined), and d ± SE with its verdict in the title."""
+    panel = claim["panel"]
+    fig = _new_figure((4.4, 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for side, colour in (("a", "C0"), ("b", "C3")):
+        pts = sorted(panel[side]["points"], key=lambda p: p["kl_mean"])
+        xs, ys = [p["kl_mean"] for p in pts], [p["reward_mean"] for p in pts]
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[_num(p["kl_se"]) for p in pts],
+            yerr=[_num(p["reward_se"]) for p in pts],
+            marker="o",
+            markersize=4,
+            linewidth=1.0,
+            capsize=2,
+            elinewidth=0.7,
+            color=colour,
+            alpha=0.85,
+            label=panel[side]["label"],
+        )
+        for p in pts:
+            if p["beta"] is not None:
+                ax.annotate(f"β={p['beta']:g}", (p["kl_mean"], p["reward_mean"]), xytext=(3, -9),
+                            textcoords="offset points", fontsize=6.5, color=colour)  # fmt: skip
+        if "overlap" in panel:
+            lo, hi = panel["overlap"]
+            grid = [lo] if lo == hi else [lo + (hi - lo) * i / 50 for i in range(51)]
+            curve = [sum(w * y for w, y in zip(interpolation_weights(xs, x), ys)) for x in grid]
+            ax.plot(grid, curve, color=colour, linewidth=3.5, alpha=0.45, marker="s" if lo == hi else None)
+    if "overlap" in panel:
+        lo, hi = panel["overlap"]
+        if lo == hi:
+            ax.axvline(lo, color="black", linewidth=0.8, linestyle=":")
+        else:
+            ax.axvspan(lo, hi, color="gold", alpha=0.2, linewidth=0, label="compared over")
+    elif "nearest" in panel:
+        (xa, ya), (xb, yb) = panel["nearest"]
+        style = ":" if claim.get("basis") == "apart" else "-"
+        ax.plot([xa, xb], [ya, yb], color="black", linewidth=1.0, linestyle=style, label="points compared")
+    ax.set_title(
+        f"({claim['claim']}) {claim['scope']}: {claim['verdict']}\n{_claim_numbers(claim)}",
+        fontsize=8,
+        color=VERDICT_COLOURS.get(claim["verdict"], "black"),
+    )
+    ax.set_xlabel("KL (nats)", fontsize=7)
+    ax.set_ylabel("reward", fontsize=7)
+    ax.tick_params(labelsize=6.5)
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=6.5, loc="best")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_claims_forest(claims: list[dict], path: str | Path, *, title: str) -> Path:
+    """Claims without frontiers, one row each: the per-unit paired differences (dots), d (diamond) and
+    d ± t*·se (the bar the verdict reads: clear of 0 on the claimed side is held), coloured by verdict."""
+    fig = _new_figure((6.4, 0.9 + 0.32 * len(claims)))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, c in enumerate(claims):
+        y = len(claims) - 1 - i
+        colour = VERDICT_COLOURS.get(c["verdict"], "black")
+        values = [v for _, v in c.get("per_unit") or []]
+        if values and len(values) <= 50:  # per seed: every value; per prompt: too many to show
+            ax.plot(values, [y] * len(values), "o", color="0.6", markersize=3, zorder=1)
+        d, se, crit = c.get("difference"), c.get("se"), c.get("critical")
+        if d is None:
+            continue
+        if se is not None and crit is not None:
+            ax.plot([d - crit * se, d + crit * se], [y, y], color=colour, linewidth=2.2, zorder=2)
+        ax.plot([d], [y], "D", color=colour, markersize=5, zorder=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(claims)))
+    ax.set_yticklabels([f"{c['scope']}: {c['verdict']}" for c in reversed(claims)], fontsize=7)
+    ax.set_ylim(-0.7, len(claims) - 0.3)
+    ax.tick_params(axis="x", labelsize=7)
+    unit = claims[0].get("unit") if claims else None
+    dots = "per seed" if unit == "seed" else f"per {unit}, shown up to 50"
+    ax.set_xlabel(f"paired difference d (dots: {dots}; bar: d ± t*·se)", fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, axis="x", alpha=0.25)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_claims(out_dir: str | Path, claims: list[dict], folder: str = "claims") -> dict[int, str]:
+    """Every claim's panel under ``out_dir/folder``: one per frontier claim (:func:`plot_claim`), one forest
+    per claim letter for the others (:func:`plot_claims_forest`). Returns ``{claim index: path relative to
+    out_dir}`` for :func:`preftune.experiments.claims.claims_markdown`."""
+    out_dir = Path(out_dir)
+    for old in (out_dir / folder).glob("*.png"):  # an earlier report's panels: its claims may differ
+        old.unlink()
+    figures: dict[int, str] = {}
+    grouped: dict[tuple, list[int]] = {}
+    for i, c in enumerate(claims):
+        if c.get("panel"):
+            name = f"{folder}/{i:02d}-{c['claim']}.png"
+            plot_claim(c, out_dir / name)
+            figures[i] = name
+        else:
+            grouped.setdefault((c["claim"], c["statement"]), []).append(i)
+    for (letter, statement), indices in grouped.items():
+        name = f"{folder}/{indices[0]:02d}-{letter}-all.png"
+        plot_claims_forest([claims[i] for i in indices], out_dir / name, title=f"({letter}) {statement}")
+        figures.update({i: name for i in indices})
+    return figures
 
 
 def plot_training_curves(
@@ -327,6 +571,10 @@ __all__ = [
     "SEED_AVERAGED",
     "aggregate_seeds",
     "format_table",
+    "place_labels",
+    "plot_claim",
+    "plot_claims",
+    "plot_claims_forest",
     "plot_frontier",
     "plot_training_curves",
     "write_report_md",
