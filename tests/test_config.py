@@ -232,3 +232,37 @@ def test_bad_yaml_files(tmp_path):
         load_train_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="data.train is required"):
         load_train_config(write(tmp_path, ""))
+
+
+def test_grpo_k1_as_a_loss_term_is_refused_with_the_reason():
+    online = {"method": "grpo", "data": {"train": "p.jsonl"}}
+    with pytest.raises(ConfigError, match=r"grpo.kl: k1 with grpo.beta > 0 .*zero expected gradient"):
+        train_config_from_dict({**online, "grpo": {"kl": "k1", "beta": 0.04}})
+    assert train_config_from_dict({**online, "grpo": {"kl": "k1", "beta": 0.0}}).grpo.kl == "k1"  # no KL term
+    assert train_config_from_dict({**online, "grpo": {"kl": "k2", "beta": 0.04}}).grpo.kl == "k2"
+    ppo = train_config_from_dict({"method": "ppo", "data": {"train": "p.jsonl"}, "ppo": {"kl": "k1"}})
+    assert ppo.ppo.kl == "k1" and ppo.ppo.beta > 0  # k1 stays PPO's reward shaping
+
+
+def test_leave_one_out_implies_scale_none_unless_set():
+    online = {"method": "grpo", "data": {"train": "p.jsonl"}}
+    cfg = train_config_from_dict({**online, "grpo": {"baseline": "leave_one_out"}})
+    assert cfg.grpo.scale == "none"
+    explicit = train_config_from_dict({**online, "grpo": {"baseline": "leave_one_out", "scale": "group"}})
+    assert explicit.grpo.scale == "group"  # set: kept
+    assert train_config_from_dict(online).grpo.scale == "group"
+    again = train_config_from_dict(cfg.to_dict())  # the written config holds the resolved value
+    assert again == cfg and cfg.to_dict()["grpo"]["scale"] == "none"
+
+
+def test_kl_horizon_is_in_batches_and_the_old_key_is_deprecated():
+    online = {"method": "ppo", "data": {"train": "p.jsonl"}}
+    assert train_config_from_dict(online).ppo.kl_horizon_batches == 20.0
+    with pytest.warns(FutureWarning, match="ppo.kl_horizon is deprecated.*kl_horizon_batches: 312.5"):
+        cfg = train_config_from_dict({**online, "ppo": {"kl_horizon": 10000}})  # at 32 completions a batch
+    assert cfg.ppo.kl_horizon_batches == 312.5 and cfg.ppo.kl_horizon is None
+    assert train_config_from_dict(cfg.to_dict()) == cfg  # the written config needs no deprecated key
+    with pytest.raises(ConfigError, match="both set"):
+        train_config_from_dict({**online, "ppo": {"kl_horizon": 100, "kl_horizon_batches": 5}})
+    with pytest.raises(ConfigError, match="kl_horizon_batches must be > 0"):
+        train_config_from_dict({**online, "ppo": {"kl_horizon_batches": 0}})

@@ -53,6 +53,25 @@ def test_rloo_baseline_leaves_each_completion_out():
     torch.testing.assert_close(adv, 4 / 3 * group_advantages(rewards, 4, scale="none"))
 
 
+def test_leave_one_out_is_rloo_by_default():
+    """baseline: leave_one_out leaves scale unset → none, so the configured advantages are RLOO's exactly
+    (with scale: group they would be GRPO's × G/(G−1)); an explicit scale is kept."""
+    from preftune.config import train_config_from_dict
+
+    def grpo(**section):
+        return train_config_from_dict({"method": "grpo", "data": {"train": "p.jsonl"}, "grpo": section}).grpo
+
+    g = grpo(baseline="leave_one_out", group_size=4)
+    assert g.scale == "none"
+    rewards = torch.tensor([0.3, 1.7, 0.2, 0.9, 5.0, -1.0, 2.5, 0.0], dtype=torch.float64)
+    adv = group_advantages(rewards, g.group_size, scale=g.scale, baseline=g.baseline)
+    r = rewards.tolist()
+    rloo = [r[i] - sum(r[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i) / 3 for i in range(8)]
+    torch.testing.assert_close(adv, torch.tensor(rloo, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert grpo(baseline="leave_one_out", scale="group").scale == "group"  # set: kept
+    assert grpo().scale == "group" and grpo(baseline="mean", scale=None).scale == "group"
+
+
 def test_missing_rewards_are_left_out_of_the_group():
     rewards = torch.tensor([1.0, 0.0, 3.0, 100.0, 7.0, 0.0])  # 0.0 placeholders where no reward
     valid = torch.tensor([True, False, True, True, True, False])
@@ -111,6 +130,37 @@ def test_kl_estimators():
     exact = float((p * (p / q).log()).sum())
     expected_k3 = float((p * kl_penalty(p.log(), q.log(), "k3")).sum())
     assert expected_k3 == pytest.approx(exact, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_term_expected_gradient_on_a_categorical(kind):
+    """E_{y~π_θ}[∇_θ k(y)], summed exactly over the 5 outcomes with weights π_θ(y) detached (what the
+    sampled loss's gradient estimates), is 0 for k1, ∇KL(π_θ‖π_ref) for k2 and ∇KL(π_ref‖π_θ) for k3."""
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, -0.4], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([-0.5, 0.4, 0.1, 1.0, -0.9], dtype=torch.float64), -1)
+
+    def grad_of(f):
+        return torch.autograd.grad(f(torch.log_softmax(theta, -1)), theta)[0]
+
+    expected = grad_of(lambda logp: (logp.exp().detach() * kl_penalty(logp, ref, kind)).sum())
+    reverse = grad_of(lambda logp: (logp.exp() * (logp - ref)).sum())  # ∇KL(π_θ‖π_ref), closed form
+    forward = grad_of(lambda logp: (ref.exp() * (ref - logp)).sum())  # ∇KL(π_ref‖π_θ), closed form
+    assert float((reverse - forward).abs().min()) > 0.01  # the two differ in every coordinate here
+    closed = {"k1": torch.zeros(5, dtype=torch.float64), "k2": reverse, "k3": forward}[kind]
+    torch.testing.assert_close(expected, closed, rtol=0, atol=1e-12)
+
+
+def test_k3_is_clamped_as_verl_and_openrlhf_do():
+    logps = torch.tensor([-1.0, -1000.0, -1.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-61.0, -1.0, -1.0 + 2.0, -1.0 - 2.0])  # x = −60, 999, 2, −2
+    k3 = kl_penalty(logps, ref, "k3")
+    # x = −60: clamped to −20, e^−20 + 19 > 10 → 10; x = 999 (eˣ = inf in fp32): clamped to 20, e^20 − 21 → 10;
+    # |x| = 2: untouched
+    expected = torch.tensor([10.0, 10.0, math.exp(2) - 3, math.exp(-2) + 1])
+    torch.testing.assert_close(k3, expected)
+    (grad,) = torch.autograd.grad(k3.sum(), logps)
+    assert grad[:2].tolist() == [0.0, 0.0]  # no gradient beyond the bounds (unclamped x: inf·0 = NaN)
+    torch.testing.assert_close(grad[2:], torch.tensor([1 - math.exp(2), 1 - math.exp(-2)]))  # ∂k3/∂log π_θ
 
 
 LOSSES = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [5.0, 6.0, 0.0, 0.0]])

@@ -44,11 +44,11 @@ def pairs(tiny_tokenizer):
     return [(enc(tiny_tokenizer, p), enc(tiny_tokenizer, r) + [eos]) for p, r in texts]
 
 
-def hand_logps(model, prompt: list[int], response: list[int]) -> float:
-    """log p(response | prompt) from one unpadded full forward: log_softmax of the logits, gathered."""
+def hand_logps(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> float:
+    """log p(response | prompt) from one unpadded full forward: log_softmax of the logits / T, gathered."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
-        logp = model(input_ids=ids).logits.log_softmax(-1)[0]  # (T, V)
+        logp = (model(input_ids=ids).logits / temperature).log_softmax(-1)[0]  # (T, V)
     total = 0.0
     for k, token in enumerate(response):
         t = len(prompt) + k  # position of the token; predicted at t - 1
@@ -94,6 +94,18 @@ def test_equals_hand_loop_over_log_softmax(model, pairs, pad_id):
         [hand_logps(model, pairs[i][0][:1], pairs[i][0][1:] + pairs[i][1]) for i in multi]
     )
     assert (with_prompt < expected[multi] - 1e-3).all()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_temperature_gives_log_softmax_of_the_logits_over_it(model, pairs, pad_id, fast):
+    """At T = 0.5 the log-probs are of softmax(z/T) on both paths; at T = 1 they are bit-identical to the
+    call without a temperature (the logits are not divided)."""
+    batch = pack_sequences([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    sums, _ = run(model, batch, fast=fast, temperature=0.5)
+    expected = torch.tensor([hand_logps(model, p, r, temperature=0.5) for p, r in pairs])
+    torch.testing.assert_close(sums, expected, rtol=0, atol=1e-5)
+    assert (sums - run(model, batch, fast=fast)[0]).abs().max() > 0.1  # not the T = 1 values
+    assert torch.equal(run(model, batch, fast=fast, temperature=1.0)[0], run(model, batch, fast=fast)[0])
 
 
 def test_padding_tokens_do_not_count(model, pairs, pad_id):
@@ -276,7 +288,9 @@ def test_shared_prefix_falls_back_for_other_attention(tiny_tokenizer, pad_id, mo
     torch.testing.assert_close(logps, reference)
 
 
-def test_chunked_head_equals_a_full_log_softmax_in_values_and_gradients(monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_chunked_head_equals_a_full_log_softmax_in_values_and_gradients(monkeypatch, temperature):
+    """log_softmax((h W^T + b)/T): values, entropy and the gradients (the backward's 1/T) of the chunked head."""
     import preftune.logprobs as logprobs
 
     monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 50)  # 50 // 11 = 4 rows a chunk: several chunks
@@ -286,12 +300,12 @@ def test_chunked_head_equals_a_full_log_softmax_in_values_and_gradients(monkeypa
     bias = torch.randn(11, requires_grad=True)
     targets = torch.randint(0, 11, (10,))
     g = torch.linspace(-1, 2, 10)
-    logps, entropy = logprobs._ChunkedHeadLogps.apply(hidden, weight, bias, targets)
+    logps, entropy = logprobs._ChunkedHeadLogps.apply(hidden, weight, bias, targets, temperature)
     (logps * g).sum().backward()
     got = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
         t.grad = None
-    full = torch.log_softmax(hidden @ weight.T + bias, -1)
+    full = torch.log_softmax((hidden @ weight.T + bias) / temperature, -1)
     expected = full.gather(-1, targets[:, None]).squeeze(-1)
     (expected * g).sum().backward()
     torch.testing.assert_close(logps, expected)

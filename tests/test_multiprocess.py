@@ -1,6 +1,7 @@
 """Several processes (torch.distributed, gloo on CPU) take the same steps as one process with the same global
-batch, also when the last micro-batch splits unevenly over the ranks and with LoRA and an on-the-fly
-reference; the wrappers are seen through in one place."""
+batch (the same weights and the same gradient norm at every step), also when the last micro-batch splits
+unevenly over the ranks, with LoRA and an on-the-fly reference, and for the online methods when the prompts do
+not fill the last batch of an epoch (it is dropped); the wrappers are seen through in one place."""
 
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, case):
         assert r2["examples"] == r1["examples"]
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert r2[key] == pytest.approx(r1[key], abs=1e-6)
+        # Adam's first step is lr·sign(g) and clipping hides scale: the norm sees a rescaled gradient
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5), r2["step"]
     summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())
     assert summary["processes"] == 2 and summary["pairs_per_step"] == 2 * c["per_rank"] * c["accum"]
 
@@ -139,8 +142,15 @@ ONLINE = {
     "ppo": {"prompts_per_batch": 4, "epochs": 2, "minibatches": 1, "beta": 0.05, "adaptive_kl": True},
 }
 ONLINE_KEYS = {
-    "grpo": ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std"),
+    "grpo": ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std", "grad_norm"),
     "ppo": ("reward", "kl", "kl_coef", "value_loss", "explained_variance", "returns/mean", "grad_norm"),
+}
+# GRPO: 9 prompts in batches of 4 over 2 epochs, so each epoch's 9th prompt would make a short third batch
+# (with 2 processes, rank 1's share empty and its collectives out of step: a hang); it waits for the next
+# epoch's shuffle instead, and the run takes 2 epochs × 2 full batches = 4 steps
+ONLINE_RUN = {
+    "grpo": dict(prompts=9, training={"epochs": 2}, steps=4),
+    "ppo": dict(prompts=8, training={"max_steps": 4}, steps=4),
 }
 
 
@@ -149,8 +159,11 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
     """Each process samples whole groups of its prompts (draws keyed by prompt, not by process); the loss is
     aggregated over the step's tokens on every process, PPO's whitening, KL and value-head gradients over
     every process: 2 ranks × 2 prompts == 1 process × 4 prompts."""
+    run = ONLINE_RUN[method]
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"The movie {i} was"}) + "\n" for i in range(8)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"The movie {i} was"}) + "\n" for i in range(run["prompts"]))
+    )
 
     def cfg(name):
         raw = {
@@ -158,7 +171,7 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
             "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"train": str(prompts), "max_length": 48, "max_prompt_length": 24},
             "generation": {"max_new_tokens": 6, "batch_size": 16},
-            "training": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4,
+            "training": {"output_dir": str(tmp_path / name), **run["training"], "batch_size": 4,
                          "learning_rate": 1e-2, "progress": False, "save_every": 1, "keep_checkpoints": 4},
             method: {**ONLINE[method], "rewards": [{"name": "regex", "pattern": "e"}]},
         }  # fmt: skip
@@ -185,9 +198,14 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
         [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
         for n in ("two", "one")
     ]
+    train_rows = [[r for r in runs if r["split"] == "train"] for runs in rows]
+    assert [r["step"] for r in train_rows[0]] == list(range(1, run["steps"] + 1))  # what the plan says
+    summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())
+    assert summary["optimizer_steps"] == run["steps"]
     for r2, r1 in zip(*rows, strict=True):
         for key in ONLINE_KEYS[method]:
             assert r2[key] == pytest.approx(r1[key], abs=1e-5, nan_ok=True), key
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5), r2["step"]
     # a checkpoint between the updates of a batch keeps every process's samples, each under its rank
     ckpt = tmp_path / "two" / "checkpoints" / "step-0000001"
     if method == "ppo":  # 2 updates per batch (GRPO here: 1)
@@ -195,3 +213,63 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
         assert own[0] and own[1] and not set(own[0]) & set(own[1])
         a, b = (load_file(tmp_path / n / "value_head.safetensors") for n in ("two", "one"))
         torch.testing.assert_close(a["linear.weight"], b["linear.weight"], atol=1e-5, rtol=0)
+
+
+def _online_config(tmp_path, model_dir, n_prompts, method, section, training):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"The movie {i} was"}) + "\n" for i in range(n_prompts)))
+    return {
+        "method": method,
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(prompts), "max_length": 48, "max_prompt_length": 24},
+        "generation": {"max_new_tokens": 6, "batch_size": 16},
+        "training": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "learning_rate": 1e-2,
+                     "progress": False, **training},
+        method: {**section, "rewards": [{"name": "regex", "pattern": "e"}]},
+    }  # fmt: skip
+
+
+def test_ppo_takes_no_step_on_an_incomplete_batch(tmp_path, tiny_model_dir):
+    """9 prompts in batches of 4, 2 minibatches: an epoch is 2 full batches (the 9th prompt waits for the
+    next epoch's shuffle), so every optimizer step trains on 2 prompts (a 1-prompt third batch would give one
+    empty minibatch: a step on nothing, grad_norm 0), and the run takes 2 epochs × 2 batches × 2 minibatches
+    steps."""
+    from preftune.training import train, validate
+
+    section = {"prompts_per_batch": 4, "epochs": 1, "minibatches": 2, "beta": 0.05}
+    cfg = _online_config(tmp_path, tiny_model_dir, 9, "ppo", section, {"epochs": 2})
+    assert validate(cfg, load_weights=False, log=lambda *a: None)["optimizer_steps"] == 8
+    run = train(cfg, log=lambda *a: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
+
+
+def test_a_batch_larger_than_the_prompts_is_refused_before_training(tmp_path, tiny_model_dir):
+    from preftune.config import ConfigError
+    from preftune.training import validate
+
+    cfg = _online_config(tmp_path, tiny_model_dir, 3, "grpo", {"group_size": 2, "prompts_per_step": 4}, {})
+    message = r"grpo.prompts_per_step \(4\) is larger than the number of training prompts \(3,"
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, load_weights=False, log=lambda *a: None)
+
+
+def test_online_plans_drop_the_incomplete_batch_and_reshuffle_it():
+    """drop_last: every batch full on every rank; each epoch reshuffles all 9 prompts, so the one left out
+    changes from epoch to epoch and every prompt is trained on."""
+    from preftune.training.loop import StepPlan
+
+    ranks = [StepPlan(9, 2, 1, 0, world_size=2, rank=r, drop_last=True) for r in (0, 1)]
+    assert ranks[0].steps_per_epoch == 2
+    left_out, seen = set(), set()
+    for epoch in range(6):
+        batches = [[plan.step(epoch * 2 + b)[1][0] for plan in ranks] for b in range(2)]
+        assert all(len(share) == 2 for batch in batches for share in batch)  # full, on every rank
+        used = {i for batch in batches for share in batch for i in share}
+        assert len(used) == 8  # distinct
+        left_out |= set(range(9)) - used
+        seen |= used
+    assert len(left_out) > 1 and seen == set(range(9))
+    with pytest.raises(ValueError, match="no full batch"):
+        StepPlan(3, 2, 1, 0, world_size=2, drop_last=True)

@@ -83,7 +83,7 @@ def test_ppo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
         tmp_path / "run",
         data={"eval_fraction": 0.25},
         training={"eval_every": 2},
-        ppo={"adaptive_kl": True, "target_kl": 0.01, "kl_horizon": 100, "log_completions_every": 1},
+        ppo={"adaptive_kl": True, "target_kl": 0.01, "kl_horizon_batches": 25, "log_completions_every": 1},
     )
     run = train(cfg, log=quiet)
     train_rows = rows(run)
@@ -99,8 +99,8 @@ def test_ppo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
     # 4 updates = 2 batches of rollouts × (1 epoch × 2 minibatches): the batch's statistics repeat
     assert train_rows[0]["reward"] == train_rows[1]["reward"] != train_rows[2]["reward"]
     assert train_rows[2]["kl"] > 0  # the second batch comes from the updated policy
-    # the first batch's KL (0) ran below target: e = clip(0/0.01 − 1) = −0.2, over n = 4 completions
-    assert train_rows[2]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 100), rel=1e-12)
+    # the first batch's KL (0) ran below target: e = clip(0/0.01 − 1) = −0.2, one step of a 25-batch horizon
+    assert train_rows[2]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 / 25), rel=1e-12)
     assert train_rows[0]["values/mean"] == 0.0  # the value head starts at 0
     assert train_rows[2]["values/mean"] != 0.0  # and learns
     evals = rows(run, "eval")
@@ -120,11 +120,11 @@ def test_the_kl_coefficient_adapts_upwards(tmp_path, tiny_model_dir, prompts, re
         tiny_model_dir,
         prompts,
         tmp_path / "run",
-        ppo={"adaptive_kl": True, "target_kl": 1e-6, "kl_horizon": 10},
+        ppo={"adaptive_kl": True, "target_kl": 1e-6, "kl_horizon_batches": 2.5},
         training={"max_steps": 6},
     )
     coefs = [r["kl_coef"] for r in rows(train(cfg, log=quiet))[::2]]
-    # batch 1 comes from π_ref (KL 0, below target): × (1 − 0.2·4/10); batch 2's KL is above 1e-6: × 1.08
+    # batch 1 comes from π_ref (KL 0, below target): × (1 − 0.2/2.5); batch 2's KL is above 1e-6: × 1.08
     assert coefs == pytest.approx([0.05, 0.05 * 0.92, 0.05 * 0.92 * 1.08], rel=1e-12)
 
 
@@ -259,7 +259,7 @@ def test_a_stop_on_a_batch_first_step_keeps_the_kl_coefficient_that_batch_starte
     from preftune.training.ppo import PPO
 
     sections = {
-        "ppo": {"adaptive_kl": True, "target_kl": 1e-6, "kl_horizon": 10},
+        "ppo": {"adaptive_kl": True, "target_kl": 1e-6, "kl_horizon_batches": 2.5},
         "training": {"max_steps": 4},
     }
     plain = rows(train(config(tiny_model_dir, prompts, tmp_path / "a", **sections), log=quiet))

@@ -10,6 +10,7 @@ import torch
 
 from preftune.losses import (
     adaptive_kl_coef,
+    approx_kl,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
@@ -104,8 +105,55 @@ def test_adaptive_kl_coefficient():
     assert adaptive_kl_coef(0.1, 12.0, target=6.0, horizon=10000, n=256) == pytest.approx(0.1 * 1.00512)
     assert adaptive_kl_coef(0.1, 3.0, target=6.0, horizon=10000, n=256) == pytest.approx(0.1 * (1 - 0.00512))
     assert adaptive_kl_coef(0.1, 6.6, target=6.0, horizon=100, n=10) == pytest.approx(0.1 * 1.01)  # e = 0.1
+    assert adaptive_kl_coef(0.1, 12.0, target=6.0, horizon=20) == pytest.approx(0.1 * 1.01)  # n = 1 batch
     with pytest.raises(ValueError):
         adaptive_kl_coef(0.1, 1.0, target=0.0, horizon=10, n=1)
+
+
+def test_the_default_adaptive_kl_moves_visibly_in_ten_batches():
+    """At KL = 2 × target, β grows by (1 + 0.2/20)^10 = 10.5% over 10 batches with the default horizon (with
+    the paper's 10000 completions at our 32 a batch it was (1 + 0.2·32/10000)^10: 0.64%)."""
+    from preftune.config import PPOConfig
+
+    p = PPOConfig()
+    assert p.kl_horizon_batches == 20
+    beta = p.beta
+    for _ in range(10):
+        beta = adaptive_kl_coef(beta, 2 * p.target_kl, target=p.target_kl, horizon=p.kl_horizon_batches)
+    assert beta / p.beta == pytest.approx(1.01**10, rel=1e-12) and beta / p.beta > 1.01
+    old = p.beta
+    for _ in range(10):
+        old = adaptive_kl_coef(old, 2 * p.target_kl, target=p.target_kl, horizon=10000, n=32)
+    assert old / p.beta < 1.01  # what this replaces
+
+
+def test_the_trainer_moves_the_kl_coefficient_once_per_batch():
+    """PPO.end_batch applies one controller step per batch of rollouts, whatever the number of completions."""
+    from types import SimpleNamespace
+
+    from preftune.config import PPOConfig
+    from preftune.training.ppo import PPO
+
+    ppo = PPO.__new__(PPO)  # no model: end_batch reads only the config and the batch's KL
+    ppo.s = SimpleNamespace(cfg=SimpleNamespace(ppo=PPOConfig(adaptive_kl=True, target_kl=6.0)))
+    ppo.kl_coef = 0.05
+    rollout = SimpleNamespace(stats={"kl": 12.0}, valid=torch.ones(32, dtype=torch.bool))
+    for _ in range(10):
+        ppo.end_batch(rollout)
+    assert ppo.kl_coef == pytest.approx(0.05 * 1.01**10, rel=1e-12)  # > 1% in 10 batches
+
+
+def test_approx_kl_is_half_the_squared_log_ratio():
+    """PPO's approx_kl diagnostic: ½(log π_θ − log π_old)² per token, as lm-human-preferences and TRL; its
+    mean over π_old's samples is close to KL(π_old‖π_θ) for nearby policies."""
+    logps = torch.tensor([[-1.0, -2.0, -0.5]])
+    old = torch.tensor([[-1.2, -2.0, -0.1]])
+    torch.testing.assert_close(approx_kl(logps, old), torch.tensor([[0.02, 0.0, 0.08]]))
+    old_p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    new_p = torch.tensor([0.52, 0.29, 0.19], dtype=torch.float64)
+    expected = float((old_p * approx_kl(new_p.log(), old_p.log())).sum())
+    exact = float((old_p * (old_p / new_p).log()).sum())
+    assert expected == pytest.approx(exact, rel=0.05)
 
 
 def test_explained_variance():

@@ -11,7 +11,7 @@ from conftest import build_tiny_model
 
 from preftune.config import GenerationConfig
 from preftune.data import collate_prompts
-from preftune.sampling import derive_seed, pick_tokens, sample_ids
+from preftune.sampling import derive_seed, pick_tokens, sample_ids, sample_ids_and_logps
 
 
 def test_pick_tokens_known_numbers():
@@ -81,6 +81,25 @@ def test_cached_sampling_equals_a_slow_reference(eos_model, tiny_tokenizer):
         for j in range(4):
             rng = random.Random(derive_seed(3, i, j))
             assert fast[i][j] == _slow_sample(eos_model, prompt, rng, 12, eos), (i, j)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_the_samplers_log_probs_are_log_softmax_over_temperature(eos_model, tiny_tokenizer, temperature):
+    """:func:`sample_ids_and_logps` gives :func:`sample_ids`'s tokens and, for each, log_softmax(z/T) of a
+    plain no-cache forward over prompt + completion (left-padded prompts, finished rows dropped)."""
+    tok = tiny_tokenizer
+    gen = GenerationConfig(max_new_tokens=12, batch_size=64, temperature=temperature)
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3)
+    groups, logps = sample_ids_and_logps(eos_model, PROMPTS, 4, gen, **kw)
+    assert groups == sample_ids(eos_model, PROMPTS, 4, gen, **kw)
+    assert len({len(c) for group in groups for c in group}) > 2  # rows finished at different steps
+    for prompt, group, group_logps in zip(PROMPTS, groups, logps, strict=True):
+        for completion, got in zip(group, group_logps, strict=True):
+            with torch.no_grad():
+                z = eos_model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(z.double() / temperature, -1)[range(len(completion)), completion]
+            assert len(got) == len(completion)
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5, rtol=0)
 
 
 def test_samples_do_not_depend_on_batch_size_or_batch_companions(eos_model, tiny_tokenizer):

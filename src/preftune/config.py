@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration. The message names the key."""
+
+
+DEFAULT_KL_HORIZON_BATCHES = 20.0  # ppo.kl_horizon_batches
 
 
 # --- model and data -------------------------------------------------------------------------------------
@@ -169,16 +173,26 @@ class GRPOConfig:
     prompts_per_step: int = 4  # P prompts per optimizer step, all processes together
     iterations: int = 1  # μ optimizer steps per batch of samples (μ > 1: π_old != π_θ)
     beta: float = 0.0  # KL coefficient; 0 = no reference model at all
-    kl: str = "k3"  # k1 | k2 | k3
+    kl: str = "k3"  # k3 (paper) | k2; k1 only at beta 0 (as a loss term its expected gradient is 0)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28
-    scale: str = "group"  # group | batch | none (Dr. GRPO)
+    # group | batch | none (Dr. GRPO); unset (null): group, or none with baseline leave_one_out (RLOO)
+    scale: str | None = None
     baseline: str = "mean"  # mean | leave_one_out (RLOO)
     aggregation: str = "token_mean"  # token_mean (DAPO) | sequence_mean (paper) | constant (Dr. GRPO)
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
+    # DAPO's dynamic sampling: groups whose rewards have no spread are replaced by more sampled groups, at
+    # most dynamic_sampling_max_rounds extra rounds of prompts_per_step prompts (training/dynamic.py)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
     rewards: list = field(default_factory=lambda: ["vader"])  # names or {name, weight, options} mappings
     eval_samples_per_prompt: int = 2  # held-out completions per eval prompt (reward, KL)
     log_completions_every: int = 10  # optimizer steps between completions.jsonl samples; 0 = never
+
+    def __post_init__(self) -> None:
+        # RLOO divides by no std: with scale: group, leave_one_out would be GRPO × G/(G−1), not RLOO
+        if self.scale is None:
+            self.scale = "none" if self.baseline == "leave_one_out" else "group"
 
     # what the shared online loop reads (PPO names them differently)
     @property
@@ -208,7 +222,10 @@ class PPOConfig:
     kl: str = "k1"  # per-token KL estimator in the reward: k1 (the papers') | k3
     adaptive_kl: bool = False  # Ziegler et al.'s controller towards target_kl
     target_kl: float = 6.0  # nats per completion
-    kl_horizon: int = 10000  # completions
+    # the adaptive β's horizon, in batches of rollouts: after each batch β ← β·(1 + clip(KL/target − 1,
+    # ±0.2)/horizon); 20 keeps Ziegler et al.'s rate per batch (their 10000 completions at 512 a batch)
+    kl_horizon_batches: float = DEFAULT_KL_HORIZON_BATCHES
+    kl_horizon: int | None = None  # deprecated (this release only): the horizon in completions
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
     epsilon: float = 0.2  # policy ratio clip
@@ -220,6 +237,24 @@ class PPOConfig:
     rewards: list = field(default_factory=lambda: ["vader"])  # as grpo.rewards: names or mappings
     eval_samples_per_prompt: int = 2
     log_completions_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kl_horizon is not None:  # the old key, in completions: the same rate per batch, in batches
+            if self.kl_horizon_batches != DEFAULT_KL_HORIZON_BATCHES:
+                raise ConfigError(
+                    "ppo.kl_horizon (deprecated, in completions) and ppo.kl_horizon_batches are both set: "
+                    "keep ppo.kl_horizon_batches"
+                )
+            per_batch = max(self.prompts_per_batch * self.samples_per_prompt, 1)
+            self.kl_horizon_batches = self.kl_horizon / per_batch
+            warnings.warn(
+                f"ppo.kl_horizon is deprecated and will be removed in the next release: the horizon is now "
+                f"ppo.kl_horizon_batches, in batches of rollouts; {self.kl_horizon} completions at "
+                f"{per_batch} a batch read as kl_horizon_batches: {self.kl_horizon_batches:g}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.kl_horizon = None
 
     @property
     def completions_per_prompt(self) -> int:
@@ -525,6 +560,12 @@ def _validate_online(cfg: TrainConfig, bad) -> None:
         ),
         (0 < gen.top_p <= 1, f"generation.top_p must be in (0, 1], got {gen.top_p}"),
         (
+            gen.top_p >= 1,
+            f"generation.top_p must be 1 for {name}, got {gen.top_p}: the log-probs it trains on (the ratio, the "
+            "KL, the entropy) are of softmax(z/T) over the whole vocabulary, and nothing renormalises them to the "
+            "nucleus, so they would be of another distribution than the one sampled",
+        ),
+        (
             t.grad_accum == 1,
             f"training.grad_accum is not used by online methods: a step's completions are processed "
             f"training.batch_size at a time ({name}'s section sets how many there are); leave grad_accum at 1",
@@ -543,8 +584,20 @@ def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
         ),
         (g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}"),
         (g.iterations >= 1, f"grpo.iterations must be >= 1, got {g.iterations}"),
+        (
+            g.dynamic_sampling_max_rounds >= 1,
+            f"grpo.dynamic_sampling_max_rounds must be >= 1, got {g.dynamic_sampling_max_rounds}",
+        ),
         (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
         (g.kl in ("k1", "k2", "k3"), f"grpo.kl must be k1, k2 or k3, got {g.kl!r}"),
+        (
+            g.kl != "k1" or g.beta == 0,
+            f"grpo.kl: k1 with grpo.beta > 0 ({g.beta}) is refused: as a loss term k1 = log π_θ − log π_ref "
+            "has zero expected gradient (E_{y~π_θ}[∇log π_θ(y)] = Σ_y ∇π_θ(y) = 0), so it pulls nowhere and "
+            "only adds noise to the gradient and changes the logged kl. Use k3 (the paper's; its gradient is "
+            "that of KL(π_ref‖π_θ)) or k2 (the gradient of KL(π_θ‖π_ref)); k1 stays available as PPO's reward "
+            "shaping (ppo.kl)",
+        ),
         (
             0 <= g.epsilon_low < 1 and g.epsilon_high >= 0,
             "grpo.epsilon_low must be in [0, 1), epsilon_high >= 0",
@@ -574,8 +627,8 @@ def _ppo_checks(p: PPOConfig) -> list[tuple[bool, str]]:
         (p.beta >= 0, f"ppo.beta must be >= 0, got {p.beta}"),
         (p.kl in ("k1", "k3"), f"ppo.kl must be k1 or k3, got {p.kl!r}"),
         (
-            p.target_kl > 0 and p.kl_horizon > 0,
-            "ppo.target_kl and ppo.kl_horizon must be > 0",
+            p.target_kl > 0 and p.kl_horizon_batches > 0,
+            "ppo.target_kl and ppo.kl_horizon_batches must be > 0",
         ),
         (not p.adaptive_kl or p.beta > 0, "ppo.adaptive_kl needs a starting ppo.beta > 0"),
         (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),

@@ -16,6 +16,10 @@ forward, then the same gather); both paths are tested against each other.
 packed row per prompt and a block attention mask (:func:`preftune.data.pack_shared_prefix`); the head then
 gathers, for each completion token, the position that predicts it. It equals the plain path (tested).
 
+Every function takes ``temperature`` T (keyword, default 1): the log-probs and entropy are those of
+softmax(z/T), the distribution a sampler at temperature T draws from (online methods train the tempered
+policy, as TRL, verl and OpenRLHF do). At T = 1 the logits are not divided at all (bit-identical).
+
 Inputs go to the device of the model's parameters (the one placement rule, :func:`preftune.models.to_device`).
 """
 
@@ -78,18 +82,24 @@ CHUNKED_ABOVE = 1 << 26  # M·V above which the chunked head is used (256 MiB of
 # plain head + log-softmax is faster (no recomputation in the backward) and its logits are small
 
 
+def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T, and z itself (no division) at T = 1."""
+    return z if temperature == 1.0 else z / temperature
+
+
 class _ChunkedHeadLogps(torch.autograd.Function):
-    """log-softmax(h W^T + b)[target] and the entropy, a chunk of rows at a time: the (M, V) logits are never
-    held whole, and the backward recomputes each chunk's logits instead of keeping them. Computes in fp32,
-    the matmul in the head weight's dtype, with autocast off; the entropy is not differentiated."""
+    """log-softmax((h W^T + b)/T)[target] and the entropy, a chunk of rows at a time: the (M, V) logits are
+    never held whole, and the backward recomputes each chunk's logits instead of keeping them. Computes in
+    fp32, the matmul in the head weight's dtype, with autocast off; the entropy is not differentiated."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, temperature=1.0):
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         logps, lses, entropy = [], [], []
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 z = F.linear(hidden[start : start + rows].to(weight.dtype), weight, bias).float()  # (m, V)
+                z = _tempered(z, temperature)
                 lse = torch.logsumexp(z, dim=-1)  # (m,)
                 t = targets[start : start + rows].unsqueeze(-1)
                 logps.append(z.gather(-1, t).squeeze(-1) - lse)
@@ -98,6 +108,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         cat = torch.cat if hidden.shape[0] else (lambda xs: hidden.new_zeros(0, dtype=torch.float32))
         lse, ent = cat(lses), cat(entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
         return cat(logps), ent
 
@@ -112,12 +123,13 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start : start + rows].to(weight.dtype)
-                z = F.linear(h, weight, bias).float()
+                z = _tempered(F.linear(h, weight, bias).float(), ctx.temperature)
                 g = grad_logps[start : start + rows].float()  # (m,)
                 dz = -torch.exp(z - lse[start : start + rows].unsqueeze(-1)) * g.unsqueeze(-1)  # −p·g
                 dz.scatter_add_(
                     -1, targets[start : start + rows].unsqueeze(-1), g.unsqueeze(-1)
                 )  # + g at target
+                dz = _tempered(dz, ctx.temperature)  # d/d(logits) = d/d(logits/T) / T
                 if need_h:
                     grad_h[start : start + rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
@@ -126,7 +138,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     grad_b += dz.sum(dim=0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def _plain_linear_head(model, head) -> bool:
@@ -155,10 +167,11 @@ def _capture_head_input(head: torch.nn.Module, source: torch.Tensor, shape: tupl
         handle.remove()
 
 
-def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
-    """(logps (M,), entropy (M,) or None) at ``source`` with the response-only head, or None when the model's
-    forward does not allow it. A plain linear head gets the chunked log-softmax (no (M, V) tensor kept);
-    a head with logit post-processing gets its logits at ``source`` (M, V) from the model's own forward."""
+def _fast_logps(model, source, shape, targets, entropy: bool, temperature: float = 1.0, **inputs):
+    """(logps (M,), entropy (M,) or None) of softmax(z/T) at ``source`` with the response-only head, or None
+    when the model's forward does not allow it. A plain linear head gets the chunked log-softmax (no (M, V)
+    tensor kept); a head with logit post-processing gets its logits at ``source`` (M, V) from the model's own
+    forward."""
     head = _output_head(model)
     if head is None:
         return None
@@ -167,7 +180,7 @@ def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
         if _plain_linear_head(model, head) and large and entropy != "grad":
             with _capture_head_input(head, source, shape) as captured:
                 model(**inputs, use_cache=False)
-            logps, ent = _ChunkedHeadLogps.apply(captured[0], head.weight, head.bias, targets)
+            logps, ent = _ChunkedHeadLogps.apply(captured[0], head.weight, head.bias, targets, temperature)
             return logps, (ent if entropy else None)
         with _head_on_positions(head, source, shape, source.device.type):
             logits = model(**inputs, use_cache=False).logits
@@ -175,7 +188,7 @@ def _fast_logps(model, source, shape, targets, entropy: bool, **inputs):
         return None
     if logits.shape[:-1] != source.shape:
         return None  # the model reshaped the head's output
-    return _logps_and_entropy(logits, targets, entropy)
+    return _logps_and_entropy(logits, targets, entropy, temperature)
 
 
 @contextlib.contextmanager
@@ -210,10 +223,18 @@ def _hidden_at(store: list[torch.Tensor], source: torch.Tensor, shape: tuple[int
 
 
 def _response_logps(
-    model, input_ids, attention_mask, response_mask, fast: bool, entropy: bool, hidden_out: list | None = None
+    model,
+    input_ids,
+    attention_mask,
+    response_mask,
+    fast: bool,
+    entropy: bool,
+    hidden_out: list | None = None,
+    temperature: float = 1.0,
 ):
-    """(logps (M,), rows (M,), entropy (M,) or None) at the response positions, on the model's device;
-    with ``hidden_out`` (a list) the hidden states the head read at those positions (M, H) are appended."""
+    """(logps (M,), rows (M,), entropy (M,) or None) of softmax(z/T) at the response positions, on the
+    model's device; with ``hidden_out`` (a list) the hidden states the head read at those positions (M, H)
+    are appended (untouched by T)."""
     device = device_of(model)
     input_ids, attention_mask, response_mask = (
         t.to(device) for t in (input_ids, attention_mask, response_mask)
@@ -227,18 +248,19 @@ def _response_logps(
     with _tap_head_input(model, hidden_out is not None) as tapped:
         if fast:
             out = _fast_logps(
-                model, source, (n, t), targets, entropy, input_ids=input_ids, attention_mask=attention_mask
-            )
+                model, source, (n, t), targets, entropy, temperature,
+                input_ids=input_ids, attention_mask=attention_mask,
+            )  # fmt: skip
         if out is None:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            out = _logps_and_entropy(logits[:, :-1][targets_mask], targets, entropy)  # (M, V) logits
+            out = _logps_and_entropy(logits[:, :-1][targets_mask], targets, entropy, temperature)  # (M, V)
     if hidden_out is not None:
         hidden_out.append(_hidden_at(tapped, source, (n, t)))
     return out[0], rows, out[1]
 
 
-def _logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool | str):
-    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (M, V) fp32: one log-softmax serves both
+def _logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool | str, temperature: float):
+    logp_all = torch.log_softmax(_tempered(logits.float(), temperature), dim=-1)  # (M, V) fp32: serves both
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (M,)
     if not entropy:
         return logps, None
@@ -257,23 +279,34 @@ def token_logps(
     response_mask: torch.Tensor,
     *,
     fast: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of response tokens, flattened.
 
     Args: input_ids, attention_mask (N, T); response_mask (N, T) bool, True where input_ids[:, t] is a
-    response token. Returns (logps (M,) fp32, row (M,) long): the log-prob of each response token and
-    the row it belongs to, M = response_mask[:, 1:].sum(), row-major. Both on the model's device.
+    response token; temperature T: log-probs of softmax(logits / T). Returns (logps (M,) fp32, row (M,)
+    long): the log-prob of each response token and the row it belongs to, M = response_mask[:, 1:].sum(),
+    row-major. Both on the model's device.
     """
-    logps, rows, _ = _response_logps(model, input_ids, attention_mask, response_mask, fast, False)
+    logps, rows, _ = _response_logps(
+        model, input_ids, attention_mask, response_mask, fast, False, temperature=temperature
+    )
     return logps, rows
 
 
 def token_logps_with_entropy(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`token_logps` plus the entropy of π at each response position (M,), from the same logits
-    (detached: a diagnostic, not part of any loss)."""
-    logps, rows, entropy = _response_logps(model, input_ids, attention_mask, response_mask, True, True)
+    """:func:`token_logps` plus the entropy of π (softmax(logits / T)) at each response position (M,), from
+    the same logits (detached: a diagnostic, not part of any loss)."""
+    logps, rows, entropy = _response_logps(
+        model, input_ids, attention_mask, response_mask, True, True, temperature=temperature
+    )
     return logps, rows, entropy
 
 
@@ -289,6 +322,7 @@ def shared_prefix_logps(
     entropy: bool | str = False,
     share: bool = True,
     hidden_out: list | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of every completion of ``groups[i]`` after ``prompts[i]``, the prompt encoded once
     per group (:func:`preftune.data.pack_shared_prefix`): returns (logps (M,), completion (M,), entropy (M,)
@@ -296,7 +330,8 @@ def shared_prefix_logps(
     equal to it (tested). Models whose attention takes no custom mask, and ``share=False``
     (``training.share_prefix``), get exactly that plain batch. ``entropy="grad"`` gives an entropy that is
     differentiated (a loss term, never the chunked head); ``True`` a detached diagnostic. With ``hidden_out`` (a list), the hidden states
-    the head read at the same positions (M, H) are appended to it (PPO's value head reads them)."""
+    the head read at the same positions (M, H) are appended to it (PPO's value head reads them; T does not
+    touch them). ``temperature`` T: log-probs and entropy of softmax(logits / T)."""
     device = device_of(model)
     implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
     if share and implementation in SHARED_PREFIX_ATTENTION:
@@ -310,7 +345,7 @@ def shared_prefix_logps(
         shape = tuple(packed["input_ids"].shape)
         with _tap_head_input(model, hidden_out is not None) as tapped:
             out = _fast_logps(
-                model, packed["source"], shape, packed["targets"], entropy,
+                model, packed["source"], shape, packed["targets"], entropy, temperature,
                 input_ids=packed["input_ids"], attention_mask=allowed, position_ids=packed["position_ids"],
             )  # fmt: skip
         if out is not None:
@@ -320,8 +355,9 @@ def shared_prefix_logps(
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     batch = pack_sequences(flat_prompts, [c for group in groups for c in group], pad_token_id)
     return _response_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy, hidden_out
-    )
+        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], True, entropy, hidden_out,
+        temperature,
+    )  # fmt: skip
 
 
 def pair_sequence_logps(
@@ -350,12 +386,16 @@ def sequence_logps(
     response_mask: torch.Tensor,
     *,
     fast: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y|x) = Σ_t log π(y_t|x, y_<t) over response tokens: returns (sums (N,) fp32, lengths (N,) long).
+    """log π(y|x) = Σ_t log π(y_t|x, y_<t) over response tokens (π = softmax(logits / T)): returns (sums (N,)
+    fp32, lengths (N,) long).
 
     A row whose response was truncated away has sum 0 and length 0; callers that average clamp the length.
     """
-    logps, rows = token_logps(model, input_ids, attention_mask, response_mask, fast=fast)
+    logps, rows = token_logps(
+        model, input_ids, attention_mask, response_mask, fast=fast, temperature=temperature
+    )
     n = input_ids.shape[0]
     sums = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)  # (N,)
     lengths = response_mask[:, 1:].sum(dim=1).to(logps.device)  # (N,)

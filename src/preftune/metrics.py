@@ -80,7 +80,10 @@ def sequence_kl(
     be negative, so the estimate can be slightly negative by sampling noise when the true
     KL is near 0 (the base model against itself gives exactly 0). Valid only for samples
     drawn from π_θ itself: temperature 1, top_p 1, no top-k, and the log-probs evaluated
-    on exactly the sampled tokens (including the EOS token when one was generated).
+    on exactly the sampled tokens (including the EOS token when one was generated). At a
+    sampling temperature T ≠ 1 (online training) it is the KL between the tempered
+    policies, softmax(z/T) of each, when both log-probs are taken at T (as the online
+    evaluator does); top_p < 1 has no such reading and is refused wherever this is used.
     """
     p = _as_array(policy_logps, "policy_logps")
     r = _as_array(ref_logps, "ref_logps")

@@ -16,8 +16,13 @@ several processes sample what one process would), and two seeds never share a st
 
 Sampling is pure ancestral sampling from the model when ``temperature=1, top_p=1`` (no top-k, no
 repetition penalty, no model-specific generation defaults): only then are the samples draws from π_θ,
-which a KL estimate from the samples assumes. ``temperature=0`` is greedy. Prompts are tokenised by the
-data layer's prompt rule (:func:`preftune.data.prompt_ids`).
+which a KL estimate from the samples assumes (at T ≠ 1 they are draws from softmax(z/T), the policy online
+training trains; top_p < 1 is a distribution no log-prob path gives). ``temperature=0`` is greedy. Prompts
+are tokenised by the data layer's prompt rule (:func:`preftune.data.prompt_ids`).
+
+:func:`sample_ids_and_logps` also returns each sampled token's log-prob under the distribution it was drawn
+from before any top_p cut, log_softmax(z/T) of the sampler's own fp32 logits (log_softmax(z) at T = 0): the
+log π_sample that online training compares its own log π_θ with (``sampling/logp_diff_*``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (ints, names): streams with different parts never share a seed."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def picked_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T)[token] per row, fp32 (R,): ``logits`` (R, V), ``tokens`` (R,); T = 0 (greedy)
+    and T = 1 take the logits as they are."""
+    z = logits.float()
+    if temperature not in (0, 1):
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -80,10 +94,11 @@ def _can_share(cache) -> bool:
 @torch.no_grad()
 def _sample_batch(
     model, prompts: Sequence[Sequence[int]], k: int, gen: GenerationConfig, *, eos_id, pad_id,
-    rngs: list[random.Random], share_prefix: bool,
+    rngs: list[random.Random], share_prefix: bool, logps: list[list[float]] | None = None,
 ) -> tuple[list[list[int]], int]:  # fmt: skip
     """K completions of each prompt in one batch, rows in order (prompt 0 × K, prompt 1 × K, ...); row r
-    draws its uniforms from ``rngs[r]``."""
+    draws its uniforms from ``rngs[r]``. With ``logps`` (a list), each row's sampled tokens' log-probs
+    (:func:`picked_logps`) are appended to it, one list per row."""
     device = device_of(model)
     rows = len(prompts) * k
     shared = share_prefix
@@ -93,7 +108,7 @@ def _sample_batch(
     last, cache = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=positions)
     if shared and not _can_share(cache):  # fall back: prefill every copy
         return _sample_batch(
-            model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=False
+            model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=False, logps=logps
         )
     if shared:
         cache.batch_repeat_interleave(k)
@@ -102,12 +117,16 @@ def _sample_batch(
     alive = torch.arange(rows, device=device)  # original row of each batch row
     done = torch.zeros(rows, dtype=torch.bool, device=device)  # finished rows still in the batch
     out: list[list[int]] = [[] for _ in range(rows)]
+    out_logps: list[list[float]] = [[] for _ in range(rows)]
     for t in range(gen.max_new_tokens):
         u = torch.tensor([rngs[r].random() for r in alive.tolist()], dtype=torch.float64)  # one per live row
         token = pick_tokens(last, u, gen.temperature, gen.top_p)  # (R_alive,)
-        for r, tok, fin in zip(alive.tolist(), token.tolist(), done.tolist()):
+        picked = picked_logps(last, token, gen.temperature).tolist() if logps is not None else None
+        for i, (r, tok, fin) in enumerate(zip(alive.tolist(), token.tolist(), done.tolist())):
             if not fin:
                 out[r].append(tok)
+                if picked is not None:
+                    out_logps[r].append(picked[i])
         if eos_id is not None:
             done |= token == eos_id
         if bool(done.all()) or t == gen.max_new_tokens - 1:
@@ -122,6 +141,8 @@ def _sample_batch(
             model, input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
             past_key_values=cache,
         )  # fmt: skip
+    if logps is not None:
+        logps.extend(out_logps)
     return out, sum(len(o) for o in out)
 
 
@@ -144,6 +165,40 @@ def sample_ids(
     ``keys`` (default: the prompts' positions) identify the prompts for the random draws: completion j of
     the prompt with key q uses ``derive_seed(seed, q, j)``. The model's mode is restored afterwards.
     """
+    return _sample_ids(
+        model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, keys=keys, share_prefix=share_prefix,
+        progress=progress, logps=None,
+    )  # fmt: skip
+
+
+def sample_ids_and_logps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    gen: GenerationConfig,
+    *,
+    eos_id: int | None,
+    pad_id: int,
+    seed: int,
+    keys: Sequence[int] | None = None,
+    share_prefix: bool = True,
+    progress: bool = False,
+) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+    """:func:`sample_ids` (the same tokens) and, in the same nesting, each sampled token's log-prob under the
+    distribution the sampler drew it from, log_softmax(z/T) of its fp32 logits z (:func:`picked_logps`;
+    before any top_p cut)."""
+    logps: list[list[float]] = []
+    groups = _sample_ids(
+        model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, keys=keys, share_prefix=share_prefix,
+        progress=progress, logps=logps,
+    )  # fmt: skip
+    return groups, [logps[i * k : (i + 1) * k] for i in range(len(groups))]
+
+
+def _sample_ids(
+    model, prompts, k: int, gen: GenerationConfig, *, eos_id, pad_id, seed: int, keys, share_prefix: bool,
+    progress: bool, logps: list[list[float]] | None,
+) -> list[list[list[int]]]:  # fmt: skip
     from tqdm.auto import tqdm
 
     if k < 1 or gen.max_new_tokens < 1 or gen.batch_size < 1:
@@ -173,8 +228,9 @@ def sample_ids(
                 for j in range(k)
             ]
             rows, tokens = _sample_batch(
-                net, chunk, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=share_prefix
-            )
+                net, chunk, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=share_prefix,
+                logps=logps,
+            )  # fmt: skip
             result.extend(rows[i * k : (i + 1) * k] for i in range(len(chunk)))
             n_tokens += tokens
             bar.update(len(rows))

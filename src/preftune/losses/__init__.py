@@ -34,10 +34,12 @@ from preftune.losses.policy_gradient import (
     grpo_token_loss,
     kl_penalty,
     zero_spread_fraction,
+    zero_spread_groups,
 )
 from preftune.losses.ppo import (
     PPO_KL_ESTIMATORS,
     adaptive_kl_coef,
+    approx_kl,
     clipped_value_loss,
     explained_variance,
     explained_variance_from_sums,
@@ -64,8 +66,10 @@ __all__ = [
     "grpo_token_loss",
     "kl_penalty",
     "zero_spread_fraction",
+    "zero_spread_groups",
     "PPO_KL_ESTIMATORS",
     "adaptive_kl_coef",
+    "approx_kl",
     "clipped_value_loss",
     "explained_variance",
     "explained_variance_from_sums",

@@ -14,12 +14,17 @@ Where preftune's options depart from the paper, and the defaults:
   differ. ``batch`` divides by the std of the whole batch (one scale for every group). The std is the
   unbiased one (ddof = 1), as in TRL; eps = 1e-4 keeps a near-constant group finite.
 - ``baseline``: the group mean (the paper) or RLOO's leave-one-out mean r_i − mean_{j≠i} r_j (Ahmadian et
-  al. 2024, arXiv 2402.14740), an unbiased baseline (it does not use r_i itself).
+  al. 2024, arXiv 2402.14740), an unbiased baseline (it does not use r_i itself). RLOO divides by no std:
+  with ``scale: group`` it is GRPO × G/(G−1) (r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − mean)), so the config
+  makes ``leave_one_out`` imply ``scale: none`` unless ``scale`` is set.
 - ε_low = ε_high = 0.2 is the paper; DAPO's clip-higher (Yu et al. 2025, arXiv 2503.14476) raises ε_high
   (0.28) so unlikely tokens with positive advantage can grow.
 - KL: the paper's k3 estimator (Schulman 2020) x → eˣ − x − 1 with x = log π_ref − log π_θ (≥ 0, unbiased);
-  k1 = −x and k2 = x²/2 are offered. β = 0 by default, as in current practice (DAPO, Dr. GRPO, TRL): the
-  clipped ratio already keeps updates small, and then no reference model is loaded or run at all.
+  k2 = x²/2 is offered. As a loss term what matters is the gradient (:func:`kl_penalty`): k3's is
+  ∇KL(π_ref‖π_θ) although its value estimates KL(π_θ‖π_ref), k2's is ∇KL(π_θ‖π_ref), and k1 = −x has zero
+  expected gradient, so the config refuses ``kl: k1`` with β > 0. β = 0 by default, as in current practice
+  (DAPO, Dr. GRPO, TRL): the clipped ratio already keeps updates small, and then no reference model is
+  loaded or run at all.
 - aggregation (:func:`preftune.losses.reduction.aggregate`): the paper averages each completion's tokens,
   then the completions (``sequence_mean``), so a token of a short completion weighs more than one of a long
   completion. Default ``token_mean`` (DAPO): every token of the optimizer step weighs the same, which is
@@ -35,6 +40,8 @@ import torch
 SCALES = ("group", "batch", "none")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+K3_LOG_RATIO_BOUND = 20.0  # k3: x clamped to ±20 before eˣ (verl's low_var_kl)
+K3_VALUE_BOUND = 10.0  # k3's value clamped to ±10 (verl's low_var_kl, OpenRLHF's compute_approx_kl)
 
 
 def group_advantages(
@@ -91,13 +98,19 @@ def group_advantages(
     return torch.where(ok & spread, centred, torch.zeros_like(centred)).view(-1)
 
 
-def zero_spread_fraction(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> float:
-    """Share of groups whose valid rewards are all equal (or fewer than two): they give no gradient."""
+def zero_spread_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) bool: the groups of ``rewards`` (N = P·G, grouped) whose valid rewards are all equal (or fewer
+    than two): their advantages are 0, so they give no gradient."""
     r = rewards.view(-1, group_size).float()
     ok = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
     high = torch.where(ok, r, torch.full_like(r, -torch.inf)).amax(dim=1)
     low = torch.where(ok, r, torch.full_like(r, torch.inf)).amin(dim=1)
-    return float(((ok.sum(dim=1) < 2) | (high <= low)).float().mean())
+    return (ok.sum(dim=1) < 2) | (high <= low)
+
+
+def zero_spread_fraction(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> float:
+    """Share of groups whose valid rewards are all equal (or fewer than two): they give no gradient."""
+    return float(zero_spread_groups(rewards, group_size, valid).float().mean())
 
 
 def clipped_policy_loss(
@@ -131,15 +144,29 @@ def clip_fractions(
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL(π_θ‖π_ref) estimate at sampled tokens, x = log π_ref − log π_θ (N, L):
-    k1 = −x; k2 = x²/2; k3 = eˣ − x − 1 (≥ 0; the GRPO paper's). All are 0 where π_θ = π_ref."""
+    """Per-token KL(π_θ‖π_ref) estimates at tokens y sampled from π_θ, x = log π_ref(y) − log π_θ(y) (N, L):
+    k1 = −x; k2 = x²/2; k3 = eˣ − x − 1 (≥ 0; the GRPO paper's). All are 0 where π_θ = π_ref.
+
+    k1 and k3 are unbiased estimates of the value KL(π_θ‖π_ref); k2 is biased (its mean is ≈ KL near
+    π_ref). As a loss term the gradient matters, and its expectation over y ~ π_θ (the sample held fixed,
+    the gradient through log π_θ only) differs:
+
+    - k1: E[∇(−x)] = E[∇log π_θ(y)] = Σ_y ∇π_θ(y) = 0: no pull towards π_ref at all, only noise.
+    - k2: E[−x·∇log π_θ] = Σ_y ∇π_θ(y)·log(π_θ(y)/π_ref(y)) = ∇KL(π_θ‖π_ref), the reverse KL of the value.
+    - k3: E[(1 − eˣ)·∇log π_θ] = −Σ_y π_ref(y)·∇log π_θ(y) = ∇KL(π_ref‖π_θ): the forward KL's gradient,
+      although the value estimates KL(π_θ‖π_ref).
+
+    k3 is clamped as verl's ``low_var_kl`` and OpenRLHF's ``compute_approx_kl`` do: x to ±20 before eˣ, the
+    value to ±10 (no gradient beyond either bound), so one token far from π_ref cannot overflow the loss.
+    """
     x = ref_logps - logps
     if kind == "k1":
         return -x
     if kind == "k2":
         return 0.5 * x * x
     if kind == "k3":
-        return torch.expm1(x) - x  # eˣ − 1 − x, accurate for small x
+        x = x.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        return (torch.expm1(x) - x).clamp(-K3_VALUE_BOUND, K3_VALUE_BOUND)  # eˣ − 1 − x, accurate for small x
     raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
 
 

@@ -16,7 +16,15 @@ Advantages are whitened over the batch's tokens (mean 0, std 1) before the polic
 PPO's clipped one on the returns. The KL coefficient is fixed, or adaptive (Ziegler et al. §2.2): with the
 batch's mean sequence KL,
 
-    e = clip(KL / KL_target − 1, −0.2, 0.2),    β ← β · (1 + e · n / horizon)    (n = completions in the batch)
+    e = clip(KL / KL_target − 1, −0.2, 0.2),    β ← β · (1 + e · n / horizon)
+
+with n and the horizon in one unit. The paper counts completions (horizon 10000 at 512 completions a batch in
+lm-human-preferences' sentiment runs: β moves by up to 1.02% a batch); preftune counts batches (n = 1,
+``ppo.kl_horizon_batches``, default 20: the paper's rate per batch, whatever the batch size). At our 32
+completions a batch the paper's horizon in completions would move β by ≤ 0.064% a batch, i.e. not at all.
+
+The policy's drift from π_old inside a batch is logged as ``approx_kl`` = mean over tokens of ½(log ρ)²,
+ρ = π_θ/π_old at π_old's samples (:func:`approx_kl`), as lm-human-preferences and TRL do.
 """
 
 from __future__ import annotations
@@ -122,12 +130,22 @@ def clipped_value_loss(
     return 0.5 * torch.maximum(plain, clipped), clipped > plain
 
 
-def adaptive_kl_coef(coef: float, kl: float, *, target: float, horizon: int, n: int) -> float:
-    """Ziegler et al.'s proportional controller: β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)."""
+def adaptive_kl_coef(coef: float, kl: float, *, target: float, horizon: float, n: float = 1) -> float:
+    """Ziegler et al.'s proportional controller: β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), n and the
+    horizon in one unit (preftune: batches, n = 1; the paper: completions)."""
     if target <= 0 or horizon <= 0:
         raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n / horizon)
+
+
+def approx_kl(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """½(log ρ)² per token (N, L), log ρ = log π_θ − log π_old at π_old's samples: PPO's ``approx_kl``
+    diagnostic as lm-human-preferences and TRL log it. Its mean is ≈ KL(π_old‖π_θ) to second order. (k3 in
+    the form x = log π_θ − log π_old would be unbiased for KL(π_old‖π_θ) under these samples, but the k3 of
+    :func:`preftune.losses.kl_penalty` is the π_θ-sample form: biased here.)"""
+    log_ratio = logps - old_logps
+    return 0.5 * log_ratio * log_ratio
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -281,6 +281,15 @@ def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float
     return dict(zip(keys, total.tolist()))
 
 
+def max_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each key's largest value over all processes (identity with one process)."""
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, accelerator.reduce(local.to(accelerator.device), reduction="max").cpu().tolist()))
+
+
 def save_state(
     run_dir, step, accelerator, model, tokenizer, optimizer, scheduler, keep, state=None, extra=None
 ) -> Path | None:

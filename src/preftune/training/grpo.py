@@ -5,7 +5,8 @@ One optimizer step takes ``grpo.prompts_per_step`` (P) prompts × ``grpo.group_s
 of samples serves ``grpo.iterations`` (μ) optimizer steps, each over all of its completions. At μ = 1 π_old is
 the detached current policy, so ρ = 1 exactly and no extra forward pass is made; the logged loss then sits
 near 0 (it is −mean Â, and advantages are centred) while its gradient is the advantage-weighted log-prob
-gradient.
+gradient. Every log-prob (π_θ, π_old, π_ref, the entropy) is of softmax(z/T), T = ``generation.temperature``;
+the batch's first pass logs how far the trained-on log-probs are from the sampler's (``sampling/*``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,30 @@ from functools import partial
 import torch
 
 from ..losses import aggregate, clip_fractions, group_advantages, grpo_token_loss, zero_spread_fraction
+from .dynamic import collect_full_rollout
 from .engine import sum_over_processes
-from .online import NO_GRAD_BATCH, OnlineMethod, all_finite, micro_batches, no_grad_logps, train_online
+from .online import (
+    NO_GRAD_BATCH,
+    OnlineMethod,
+    SamplingAgreement,
+    all_finite,
+    micro_batches,
+    no_grad_logps,
+    train_online,
+)
 from .rollout import Rollout, completion_logps
 
 _TOKEN_METRICS = ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
 
 
 class GRPO(OnlineMethod):
+    def collect(self, **kwargs) -> tuple[Rollout, dict[str, float]]:
+        """The planned batch, or with ``grpo.dynamic_sampling`` one refilled with groups that have reward
+        spread (DAPO; :mod:`preftune.training.dynamic`)."""
+        if not self.s.cfg.grpo.dynamic_sampling:
+            return super().collect(**kwargs)
+        return collect_full_rollout(n_prompts=len(kwargs["examples"]), **kwargs)
+
     def prepare(self, model, rollout: Rollout) -> None:
         """Group advantages (their batch std over every process), π_old (μ > 1) and π_ref (β > 0)."""
         s, g, t = self.s, self.s.cfg.grpo, self.s.cfg.training
@@ -41,12 +58,15 @@ class GRPO(OnlineMethod):
             s.cfg.generation.max_new_tokens,
             NO_GRAD_BATCH * t.batch_size,
         )
+        temperature = s.cfg.generation.temperature
         if g.iterations > 1:  # π_old: the policy before this batch's first update
             rollout.old_logps = completion_logps(
-                no_grad_logps(model, t.share_prefix), rollout, pad, nograd, width, G
+                no_grad_logps(model, t.share_prefix, temperature=temperature), rollout, pad, nograd, width, G
             )
         if self.reference is not None:
-            ref_fn = partial(self.reference.shared_prefix_logps, share=t.share_prefix)
+            ref_fn = partial(
+                self.reference.shared_prefix_logps, share=t.share_prefix, temperature=temperature
+            )
             rollout.ref_logps = completion_logps(ref_fn, rollout, pad, nograd, width, G)
 
     def train_step(self, model, rollout: Rollout, iteration: int) -> tuple[dict[str, float], bool]:
@@ -62,7 +82,8 @@ class GRPO(OnlineMethod):
         sums = dict.fromkeys(("loss", "kl", *_TOKEN_METRICS), 0.0)
         sums.update(tokens=float(full_mask.sum()), all_tokens=0.0, padded_tokens=0.0)
         finite = True
-        for mb in micro_batches(model, rollout, range(n), s, sums):
+        agreement = SamplingAgreement() if iteration == 0 and rollout.sample_logps is not None else None
+        for mb in micro_batches(model, rollout, range(n), s, sums, agreement=agreement):
             idx, cols, logps = mb["idx"], mb["cols"], mb["logps"]
             device = logps.device
             old = logps.detach() if rollout.old_logps is None else rollout.old_logps[idx, :cols].to(device)
@@ -89,6 +110,8 @@ class GRPO(OnlineMethod):
             )
             for key, value in fractions.items():
                 sums[key] += value * tok
+        if agreement is not None:
+            self.sampling_metrics = agreement.metrics(acc)
         return sums, all_finite(acc, finite)
 
     def row(self, sums: dict[str, float], rollout: Rollout) -> dict:

@@ -49,8 +49,10 @@ class StepPlan:
 
     Epoch e visits ``randperm(n, seed + e)`` in global micro-batches of ``batch_size * world_size``; rank r
     takes every world-th example of each. The last micro-batch of an epoch may be short: a rank whose share
-    is empty runs a zero-weight stand-in, so every rank takes the same steps and no example is dropped
-    (``drop_last``, for online prompts: an incomplete last batch waits for the next epoch instead). With
+    is empty runs a zero-weight stand-in, so every rank takes the same steps and no example is dropped.
+    ``drop_last`` (online prompts) drops an epoch's incomplete last micro-batch instead, so every rank's share
+    of every batch is full; each epoch reshuffles all n, so the dropped examples join the next epoch's order
+    and which ones wait changes from epoch to epoch (none is left out systematically). With
     ``lengths`` (``training.group_by_length``), each window of :data:`LENGTH_WINDOW` micro-batches of the
     shuffled order is sorted by length, longest first, so a micro-batch pads little; still a pure function of
     (seed, epoch), so resume replays it.
@@ -65,6 +67,12 @@ class StepPlan:
     drop_last: bool = False
     lengths: Sequence[int] | None = None  # group by length: sort windows of 50 micro-batches by these
     _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.drop_last and self.n < self.batch_size * self.world_size:
+            raise ValueError(
+                f"{self.n} examples make no full batch of {self.batch_size} × {self.world_size} processes"
+            )
 
     @property
     def micro_per_epoch(self) -> int:

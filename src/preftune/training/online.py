@@ -19,6 +19,11 @@ run would; a checkpoint between the updates of a batch keeps the rollout, and th
 value head and KL coefficient). Evaluation samples ``eval_samples_per_prompt`` completions of each held-out
 prompt with a fixed seed (the same draws at every evaluation, so steps compare paired) and reports the mean
 reward and the sequence KL to π_ref, both with prompt-clustered standard errors; step 0 is the starting model.
+
+The sampling temperature T is part of the policy: every log-prob the loop and the methods compute (π_θ, π_old,
+π_ref, the entropy, the evaluation's KL) is log_softmax(z/T) at the sampled token, the distribution the
+samples were drawn from (``generation.top_p`` < 1 is refused: nothing renormalises to the nucleus). At a batch's
+first training pass the log-probs trained on are compared with the sampler's own (:class:`SamplingAgreement`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,6 +52,7 @@ from .engine import (
     Stepper,
     build_optimizer,
     end_of_step,
+    max_over_processes,
     save_state,
     stop_checkpoint,
     sum_over_processes,
@@ -63,6 +70,7 @@ class OnlineMethod(abc.ABC):
 
     def __init__(self, s, reference: Reference | None):
         self.s, self.reference = s, reference
+        self.sampling_metrics: dict[str, float] = {}  # set at a batch's first pass; logged once, then cleared
 
     def param_groups(self, params: list[torch.nn.Parameter]) -> list:
         """The optimizer's parameter groups: the model's trainable ``params`` and the method's own."""
@@ -71,6 +79,10 @@ class OnlineMethod(abc.ABC):
     def extra_params(self) -> list[torch.nn.Parameter]:
         """Trainable parameters beside the model's (clipped and stepped with them)."""
         return []
+
+    def collect(self, **kwargs) -> tuple[Rollout, dict[str, float]]:
+        """Sample and score a batch (:func:`preftune.training.rollout.collect_rollout`'s keywords)."""
+        return collect_rollout(**kwargs)
 
     @abc.abstractmethod
     def prepare(self, model, rollout: Rollout) -> None:
@@ -164,7 +176,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
                 timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
                 if rollout is None or iteration == 0:
                     _, (indices,) = plan.step(batch_index)
-                    rollout, timings = collect_rollout(
+                    rollout, timings = method.collect(
                         model=model, cfg=cfg, tokenizer=tokenizer, examples=examples, indices=indices,
                         rewards=prep.rewards, accelerator=acc, batch=batch_index, describe=describe,
                     )  # fmt: skip
@@ -189,7 +201,8 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
                 now = time.perf_counter()
                 sums = sum_over_processes(acc, sums)
                 row = {"step": step + 1, "split": "train", "epoch": batch_index // plan.steps_per_epoch}
-                row.update(rollout.stats, **method.row(sums, rollout))
+                row.update(rollout.stats, **method.row(sums, rollout), **method.sampling_metrics)
+                method.sampling_metrics = {}
                 row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **stepper.metrics())
                 row["padding_share"] = 1.0 - sums["all_tokens"] / max(sums["padded_tokens"], 1.0)
                 row.update(
@@ -222,14 +235,17 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     return last
 
 
-def no_grad_logps(model, share: bool, value_head=None):
+def no_grad_logps(model, share: bool, value_head=None, *, temperature: float = 1.0):
     """A no-grad (prompts, groups, pad) -> flat per-token tensors function of ``model`` (π_old's pass): its
-    log-probs, and with ``value_head`` the values it gives the same positions' hidden states (one pass)."""
+    log-probs at ``temperature``, and with ``value_head`` the values it gives the same positions' hidden
+    states (one pass)."""
 
     def logps(prompts, groups, pad):
         hidden: list | None = [] if value_head is not None else None
         with torch.no_grad():
-            flat, _, _ = shared_prefix_logps(model, prompts, groups, pad, share=share, hidden_out=hidden)
+            flat, _, _ = shared_prefix_logps(
+                model, prompts, groups, pad, share=share, hidden_out=hidden, temperature=temperature
+            )
             return (flat,) if value_head is None else (flat, value_head(hidden[0]))
 
     return logps
@@ -247,14 +263,24 @@ def _reference(s) -> Reference:
 
 
 def micro_batches(
-    model, rollout: Rollout, order: Sequence[int], s, sums: dict[str, float], *, entropy=True, value_head=None
+    model,
+    rollout: Rollout,
+    order: Sequence[int],
+    s,
+    sums: dict[str, float],
+    *,
+    entropy=True,
+    value_head=None,
+    agreement: SamplingAgreement | None = None,
 ) -> Iterator[dict]:
     """Forward passes over the completions ``order`` (whole groups, each group's completions consecutive), in
     micro-batches of about ``training.batch_size`` completions (whole groups: each prompt is encoded once for
     its completions). Each yields, on the model's device, ``idx`` (completion indices), ``cols`` (the longest
     completion), ``tokens`` (n, cols) bool, ``logps`` (n, cols) and ``entropy`` (n, cols) (0 off ``tokens``),
-    and with ``value_head`` its ``values`` (n, cols). The caller's loss and backward run inside the
-    micro-batch's contexts (autocast; DDP's no_sync but for the last); the padding counts go into ``sums``."""
+    all of softmax(z/T) at T = ``generation.temperature``, and with ``value_head`` its ``values`` (n, cols).
+    The caller's loss and backward run inside the micro-batch's contexts (autocast; DDP's no_sync but for the
+    last); the padding counts go into ``sums``; with ``agreement`` the log-probs are compared with the
+    sampler's."""
     cfg, acc = s.cfg, s.accelerator
     t, G, pad = cfg.training, cfg.method_config.completions_per_prompt, s.prep.tokenizer.pad_token_id
     order = list(order)
@@ -275,15 +301,60 @@ def micro_batches(
         with sync, acc.autocast():
             hidden: list | None = [] if value_head is not None else None
             flat, _, ent = shared_prefix_logps(
-                model, prompts, groups, pad, entropy=entropy, share=t.share_prefix, hidden_out=hidden
-            )
+                model, prompts, groups, pad, entropy=entropy, share=t.share_prefix, hidden_out=hidden,
+                temperature=cfg.generation.temperature,
+            )  # fmt: skip
             device = flat.device
             tokens = (torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
             out = {"idx": idx, "cols": cols, "tokens": tokens, "logps": _spread(flat, tokens)}
+            if agreement is not None:
+                agreement.add(out["logps"], rollout.sample_logps[idx, :cols], tokens)
             out["entropy"] = _spread(ent, tokens) if ent is not None else None
             if value_head is not None:
                 out["values"] = _spread(value_head(hidden[0]), tokens)
             yield out
+
+
+class SamplingAgreement:
+    """The log-probs trained on against the sampler's own, at a batch's first training pass, over every sampled
+    completion token t of the pass (x_t = log π_train(y_t) − log π_sample(y_t), both at the sampling
+    temperature; fp32 agree to ~1e-6, bf16 autocast to ~2e-2): ``sampling/logp_diff_mean`` and
+    ``sampling/logp_diff_max`` (mean and max of |x_t|), and the importance ratio π_train/π_sample = exp(x_t)
+    the first update would need to correct the mismatch: ``sampling/ratio_mean``, ``sampling/ratio_min``,
+    ``sampling/ratio_max``. Sums and counts are summed over processes, maxima max-reduced."""
+
+    def __init__(self):
+        self.sums = {"tokens": 0.0, "abs": 0.0, "ratio": 0.0}
+        self.max = {"abs": 0.0, "ratio": -math.inf, "inverse": -math.inf}  # "inverse": −min ratio
+
+    def add(self, train_logps: torch.Tensor, sample_logps: torch.Tensor, tokens: torch.Tensor) -> None:
+        """``train_logps`` (n, cols) as trained on, ``sample_logps`` (n, cols) the sampler's, ``tokens`` (n, cols)
+        bool: the completion tokens to compare."""
+        if not bool(tokens.any()):
+            return
+        x = (train_logps.detach().float() - sample_logps.to(train_logps.device).float())[tokens].double()
+        ratio = x.exp()
+        self.sums["tokens"] += float(x.numel())
+        self.sums["abs"] += float(x.abs().sum())
+        self.sums["ratio"] += float(ratio.sum())
+        self.max["abs"] = max(self.max["abs"], float(x.abs().max()))
+        self.max["ratio"] = max(self.max["ratio"], float(ratio.max()))
+        self.max["inverse"] = max(self.max["inverse"], -float(ratio.min()))
+
+    def metrics(self, acc) -> dict[str, float]:
+        """The ``sampling/*`` metrics over every process (collective: every process calls it); {} when no
+        process compared a token."""
+        sums, maxima = sum_over_processes(acc, self.sums), max_over_processes(acc, self.max)
+        if sums["tokens"] == 0:
+            return {}
+        n = sums["tokens"]
+        return {
+            "sampling/logp_diff_mean": sums["abs"] / n,
+            "sampling/logp_diff_max": maxima["abs"],
+            "sampling/ratio_mean": sums["ratio"] / n,
+            "sampling/ratio_min": -maxima["inverse"],
+            "sampling/ratio_max": maxima["ratio"],
+        }
 
 
 def _spread(flat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -330,7 +401,8 @@ def _first(advantage: torch.Tensor) -> float:
 
 
 class _Evaluator:
-    """Held-out reward and sequence KL(π_θ‖π_ref), from the same fixed-seed samples at every evaluation."""
+    """Held-out reward and sequence KL(π_θ‖π_ref), from the same fixed-seed samples at every evaluation; both
+    π's at the sampling temperature T (softmax(z/T)), the distribution the samples come from."""
 
     def __init__(self, s, reference: Reference | None):
         self.s = s
@@ -382,12 +454,13 @@ class _Evaluator:
         if base:
             row["kl"], row["kl_se"] = 0.0, 0.0  # π_θ = π_ref before the first step
         else:
-            policy, ref = self._sequence_logps(net, ids, per)
+            policy, ref = self._sequence_logps(net, ids, per)  # both at the sampling temperature
             row["kl"], row["kl_se"] = M.sequence_kl(policy, ref, clusters)
         return row
 
     def _sequence_logps(self, net, ids, per) -> tuple[list[float], list[float]]:
         pad, size = self.s.prep.tokenizer.pad_token_id, self.s.cfg.training.eval_batch_size
+        temperature = self.s.cfg.generation.temperature  # the samples' distribution: KL of the tempered π's
         reference = self._ref()
         policy, ref = [], []
         was_training = net.training
@@ -400,7 +473,7 @@ class _Evaluator:
                     pad,
                 )
                 keys = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-                policy += sequence_logps(net, *keys)[0].tolist()
-                ref += reference.sequence_logps(*keys).tolist()
+                policy += sequence_logps(net, *keys, temperature=temperature)[0].tolist()
+                ref += reference.sequence_logps(*keys, temperature=temperature).tolist()
         net.train(was_training)
         return policy, ref

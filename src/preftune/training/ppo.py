@@ -21,6 +21,10 @@ shuffled minibatches, one optimizer step each (:meth:`PPO.train_step`), minimisi
 averaged over the minibatch's completion tokens. After the batch's last update the KL coefficient adapts
 (``ppo.adaptive_kl``, :meth:`PPO.end_batch`), so a checkpoint at a batch boundary holds the coefficient the
 next batch starts from. Each piece is a function of :mod:`preftune.losses.ppo`.
+
+Every log-prob (π_θ, π_old, π_ref, the entropy) is of softmax(z/T), T = ``generation.temperature``; the value
+head reads the hidden states, which T does not touch. A batch's first minibatch logs how far the trained-on
+log-probs are from the sampler's (``sampling/*``, :class:`preftune.training.online.SamplingAgreement`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import torch
 from ..files import save_safetensors_atomic
 from ..losses import (
     adaptive_kl_coef,
+    approx_kl,
     clip_fractions,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance_from_sums,
     gae,
-    kl_penalty,
     kl_shaped_rewards,
     mean_var_from_sums,
     whiten,
@@ -46,7 +50,15 @@ from ..losses import (
 from ..models import device_of, unwrap_model
 from ..sampling import derive_seed
 from .engine import sum_over_processes
-from .online import NO_GRAD_BATCH, OnlineMethod, all_finite, micro_batches, no_grad_logps, train_online
+from .online import (
+    NO_GRAD_BATCH,
+    OnlineMethod,
+    SamplingAgreement,
+    all_finite,
+    micro_batches,
+    no_grad_logps,
+    train_online,
+)
 from .rollout import Rollout, completion_logps
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -109,13 +121,16 @@ class PPO(OnlineMethod):
             s.cfg.generation.max_new_tokens,
             NO_GRAD_BATCH * t.batch_size,
         )
-        old_fn = no_grad_logps(model, t.share_prefix, value_head=self.value_head)
+        temperature = s.cfg.generation.temperature  # log-probs of softmax(z/T); the values read h, not z
+        old_fn = no_grad_logps(model, t.share_prefix, value_head=self.value_head, temperature=temperature)
         old, values = completion_logps(old_fn, rollout, pad, nograd, width, G, outputs=2)
         n = len(rollout.completion_ids)
         mask = rollout.loss_mask(range(n), width, mask_truncated=False)  # completions with a reward
         scores = torch.nan_to_num(rollout.rewards).float()
         if self.reference is not None:
-            ref_fn = partial(self.reference.shared_prefix_logps, share=t.share_prefix)
+            ref_fn = partial(
+                self.reference.shared_prefix_logps, share=t.share_prefix, temperature=temperature
+            )
             rollout.ref_logps = completion_logps(ref_fn, rollout, pad, nograd, width, G)
             rewards, kl_t = kl_shaped_rewards(
                 scores, old, rollout.ref_logps, mask, kl_coef=self.kl_coef, kl=p.kl
@@ -165,12 +180,12 @@ class PPO(OnlineMethod):
         )
 
     def end_batch(self, rollout: Rollout) -> None:
-        """The adaptive KL coefficient moves once the batch's updates are done, from the batch's KL."""
+        """The adaptive KL coefficient moves once the batch's updates are done, from the batch's KL (one step
+        of the controller per batch: the horizon is in batches)."""
         p = self.s.cfg.ppo
         if p.adaptive_kl:
-            n = sum_over_processes(self.s.accelerator, {"n": float(rollout.valid.sum())})["n"]
             self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, rollout.stats["kl"], target=p.target_kl, horizon=p.kl_horizon, n=int(n)
+                self.kl_coef, rollout.stats["kl"], target=p.target_kl, horizon=p.kl_horizon_batches, n=1
             )
 
     # -- one optimizer step: one minibatch of one epoch --------------------------------------------------
@@ -198,7 +213,11 @@ class PPO(OnlineMethod):
         sums.update(tokens=float(mask_all.sum()), all_tokens=0.0, padded_tokens=0.0)
         finite = True
         entropy = "grad" if p.entropy_coef > 0 else True
-        for mb in micro_batches(model, rollout, order, s, sums, entropy=entropy, value_head=self.value_head):
+        agreement = SamplingAgreement() if iteration == 0 and rollout.sample_logps is not None else None
+        batches = micro_batches(
+            model, rollout, order, s, sums, entropy=entropy, value_head=self.value_head, agreement=agreement
+        )
+        for mb in batches:
             idx, cols, logps, values = mb["idx"], mb["cols"], mb["logps"], mb["values"]
             device = logps.device
             old = rollout.old_logps[idx, :cols].to(device)
@@ -218,7 +237,7 @@ class PPO(OnlineMethod):
             sums["policy_loss"] += float((pg.detach() * m).sum())
             sums["value_loss"] += float((vf.detach() * m).sum())
             sums["entropy"] += float((mb["entropy"].detach() * m).sum())
-            sums["approx_kl"] += float((kl_penalty(logps.detach(), old, "k3") * m).sum())  # KL(π_θ‖π_old)
+            sums["approx_kl"] += float((approx_kl(logps.detach(), old) * m).sum())  # ½(log ρ)², as TRL
             clipped = clip_fractions(ratio.detach(), adv, mask, eps_low=p.epsilon, eps_high=p.epsilon)
             sums["clip_ratio/policy"] += clipped["clip_ratio/region"] * float(m.sum())
             sums["clip_ratio/value"] += float((v_clipped & mask).sum())
@@ -226,6 +245,8 @@ class PPO(OnlineMethod):
             for param in self.value_head.parameters():
                 if param.grad is not None:
                     param.grad = acc.reduce(param.grad, reduction="mean")
+        if agreement is not None:
+            self.sampling_metrics = agreement.metrics(acc)
         return sums, all_finite(acc, finite)
 
     def row(self, sums: dict[str, float], rollout: Rollout) -> dict:

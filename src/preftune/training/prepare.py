@@ -60,10 +60,16 @@ class PreparedPrompts:
     rewards: list[RewardFunction]
 
     def plan(self, num_processes: int = 1, rank: int = 0) -> StepPlan:
-        """Sampling batches over the prompts: each process takes prompts_per_batch / num_processes per batch."""
+        """Sampling batches over the prompts: each process takes prompts_per_batch / num_processes per batch.
+
+        Every batch is full (``drop_last``): an epoch's last ``n mod prompts_per_batch`` prompts are not
+        sampled in it, and since every epoch reshuffles all n prompts they join the next epoch's order (which
+        prompts wait changes from epoch to epoch). A short batch would leave a process without prompts (its
+        collectives out of step with the others') or a PPO minibatch empty (an optimizer step on nothing)."""
         m, name = self.cfg.method_config, self.cfg.method
         per_batch = m.prompts_per_batch
-        key = "prompts_per_step" if name == "grpo" else "prompts_per_batch"
+        key = batch_key(name)
+        check_batch_fits(self.cfg, len(self.examples["train"]))
         if per_batch % num_processes:
             raise ConfigError(
                 f"{name}.{key} ({per_batch}) must be a multiple of the number of processes "
@@ -75,11 +81,13 @@ class PreparedPrompts:
                 f"({m.minibatches} × {num_processes}): every process splits its prompts into the minibatches"
             )
         per_rank = per_batch // num_processes
-        return StepPlan(len(self.examples["train"]), per_rank, 1, self.cfg.training.seed, num_processes, rank)
+        n = len(self.examples["train"])
+        return StepPlan(n, per_rank, 1, self.cfg.training.seed, num_processes, rank, drop_last=True)
 
     def total_steps(self, num_processes: int = 1) -> int:
-        """Optimizer steps: training.max_steps, or epochs over the prompts × the updates per batch of samples
-        (grpo.iterations; ppo.epochs × ppo.minibatches)."""
+        """Optimizer steps: training.max_steps, or epochs × the full batches of an epoch
+        (⌊n / prompts_per_batch⌋) × the updates per batch of samples (grpo.iterations; ppo.epochs ×
+        ppo.minibatches)."""
         t, m = self.cfg.training, self.cfg.method_config
         return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * m.updates_per_batch
 
@@ -104,6 +112,24 @@ class PreparedPrompts:
             if self.cfg.model.lora.enabled
             else "frozen copy",
         }
+
+
+def batch_key(method: str) -> str:
+    """The config key of an online method's prompts per batch of samples."""
+    return "prompts_per_step" if method == "grpo" else "prompts_per_batch"
+
+
+def check_batch_fits(cfg: TrainConfig, n_prompts: int) -> None:
+    """A batch of samples takes prompts_per_batch distinct prompts and is never short: refuse more prompts
+    per batch than there are training prompts."""
+    per_batch, key = cfg.method_config.prompts_per_batch, f"{cfg.method}.{batch_key(cfg.method)}"
+    if per_batch > n_prompts:
+        raise ConfigError(
+            f"{key} ({per_batch}) is larger than the number of training prompts ({n_prompts}, "
+            f"{cfg.data.train}): a batch of samples takes {per_batch} distinct prompts and an incomplete "
+            f"batch is not trained on, so no batch could be drawn. Set {key} to at most {n_prompts} or add "
+            "prompts"
+        )
 
 
 def _load_split_rows(cfg: TrainConfig, log=print, keep_all: bool = False) -> dict[str, list[dict]]:
@@ -179,6 +205,7 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
                 f"{split} prompts ({cfg.data.train if split == 'train' else cfg.data.eval}) are empty"
             )
         validate_prompt_rows(split_rows_)
+    check_batch_fits(cfg, len(rows["train"]))  # before the reward functions and the tokenizer load
     rewards = [load_reward(spec) for spec in cfg.method_config.rewards]
     seen: dict[str, int] = {}
     for f in rewards:  # unique names: they key the per-function metrics

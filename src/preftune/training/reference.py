@@ -70,17 +70,23 @@ class Reference:
         finally:
             model.train(was_training)
 
-    def token_logps(self, input_ids, attention_mask, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log π_ref of the response tokens: (logps (M,), rows (M,)), as ``logprobs.token_logps``."""
+    def token_logps(
+        self, input_ids, attention_mask, response_mask, *, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π_ref of the response tokens: (logps (M,), rows (M,)), as ``logprobs.token_logps``
+        (π_ref = softmax(z/T) at ``temperature`` T, as the policy it is compared with)."""
         with self._model() as model:
-            return token_logps(model, input_ids, attention_mask, response_mask)
+            return token_logps(model, input_ids, attention_mask, response_mask, temperature=temperature)
 
     def shared_prefix_logps(
-        self, prompts, groups, pad_token_id: int, share: bool = True
+        self, prompts, groups, pad_token_id: int, share: bool = True, *, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log π_ref of each group's completions, the prompt encoded once (``logprobs``)."""
+        """Per-token log π_ref of each group's completions, the prompt encoded once (``logprobs``), at
+        ``temperature``."""
         with self._model() as model:
-            logps, completion, _ = shared_prefix_logps(model, prompts, groups, pad_token_id, share=share)
+            logps, completion, _ = shared_prefix_logps(
+                model, prompts, groups, pad_token_id, share=share, temperature=temperature
+            )
             return logps, completion
 
     def pair_logps(self, pairs: Sequence[PairExample], pad_token_id: int, share_prefix: bool) -> torch.Tensor:
@@ -88,10 +94,12 @@ class Reference:
         with self._model() as model:
             return pair_logps(model, pairs, pad_token_id, share_prefix)
 
-    def sequence_logps(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        """log π_ref(y|x) summed over response tokens, (N,) fp32."""
+    def sequence_logps(
+        self, input_ids, attention_mask, response_mask, *, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """log π_ref(y|x) summed over response tokens, (N,) fp32, at ``temperature``."""
         with self._model() as model:
-            return sequence_logps(model, input_ids, attention_mask, response_mask)[0]
+            return sequence_logps(model, input_ids, attention_mask, response_mask, temperature=temperature)[0]
 
 
 def build_reference(policy, *, during_training: bool, load_copy: Callable[[], torch.nn.Module] | None = None):

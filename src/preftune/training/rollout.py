@@ -1,7 +1,9 @@
 """One batch of online samples, a *rollout*: this process's prompts → G completions each → rewards, then what
 the method adds before training on it (GRPO: group advantages; PPO: values, KL-shaped rewards, GAE): the
 per-token log-probs the loss needs besides the policy's own (π_old's when one batch serves several optimizer
-steps, π_ref's when β > 0), the advantages, and PPO's values and returns.
+steps, π_ref's when β > 0), the advantages, and PPO's values and returns. The sampler's own log-prob of each
+sampled token (log π_sample, at the sampling temperature) is kept beside them, for the methods to compare with
+the log-probs they train on.
 
 Rewards are computed before any training forward pass. Per-token quantities are stored completion-aligned,
 (N, L_max) with L_max = generation.max_new_tokens: column t is the t-th completion token. A rollout is saved
@@ -22,7 +24,7 @@ import torch
 from ..config import TrainConfig
 from ..data import PromptExample
 from ..rewards import RewardError, RewardFunction, score_all
-from ..sampling import derive_seed, sample_ids
+from ..sampling import derive_seed, sample_ids_and_logps
 from .engine import sum_over_processes
 
 
@@ -41,9 +43,12 @@ class Rollout:
     ref_logps: torch.Tensor | None = None  # (N, L_max), β > 0
     values: torch.Tensor | None = None  # (N, L_max), PPO: V(s_t) of the rollout's policy
     returns: torch.Tensor | None = None  # (N, L_max), PPO: GAE returns
+    sample_logps: torch.Tensor | None = None  # (N, L_max) fp32: log π_sample, the sampler's log_softmax(z/T)
     stats: dict = field(default_factory=dict)  # batch-level metrics (all processes)
 
-    TENSORS = ("rewards", "truncated", "advantages", "old_logps", "ref_logps", "values", "returns")
+    TENSORS = (
+        "rewards", "truncated", "advantages", "old_logps", "ref_logps", "values", "returns", "sample_logps",
+    )  # fmt: skip
 
     @property
     def valid(self) -> torch.Tensor:
@@ -134,6 +139,7 @@ def collect_rollout(
     accelerator,
     batch: int,
     describe: Callable[[list[int]], str],
+    round_: int = 0,
 ) -> tuple[Rollout, dict[str, float]]:
     """Sample and score ``completions_per_prompt`` completions of each of this process's prompts ``indices``
     of sampling batch ``batch``; returns the rollout (no advantages yet) and its timings (``time/generate``,
@@ -143,14 +149,18 @@ def collect_rollout(
     prompts = [examples[i] for i in indices]
     started = time.perf_counter()
     # draws keyed by prompt: process-independent
-    seed = derive_seed(cfg.training.seed, f"{cfg.method}-train", batch)
+    # round > 0: dynamic sampling's extra draws for this batch (training/dynamic.py), a stream of their own
+    seed = derive_seed(cfg.training.seed, f"{cfg.method}-train", batch, *([round_] if round_ else []))
     with accelerator.autocast():
-        groups = sample_ids(
+        groups, group_logps = sample_ids_and_logps(
             model, [p.prompt_ids for p in prompts], G, gen, eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, seed=seed, keys=indices,
         )  # fmt: skip
     generated = time.perf_counter()
     completion_ids = [ids for group in groups for ids in group]
+    sample_logps = torch.zeros(len(completion_ids), gen.max_new_tokens)  # (N, L_max), 0 after the end
+    for i, logps in enumerate(lp for group in group_logps for lp in group):
+        sample_logps[i, : len(logps)] = torch.tensor(logps, dtype=torch.float32)
     completions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
     per_prompt = [p for p in prompts for _ in range(G)]
     columns: dict[str, list] = {}
@@ -207,6 +217,7 @@ def collect_rollout(
         rewards=reward,
         per_function=per_function,
         truncated=truncated,
+        sample_logps=sample_logps,
         stats=stats,
     )
     return rollout, {"time/generate": generated - started, "time/score": scored - generated}

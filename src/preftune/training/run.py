@@ -203,7 +203,11 @@ def train(
                 save_model(final, prep.tokenizer, run_dir / "model")
                 if cfg.model.lora.enabled and cfg.model.lora.merge:
                     save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
-                result = {"final_train_metrics": last, "train_seconds": time.time() - started, **summary}
+                result = {
+                    "final_train_metrics": finite_or_none(last),  # NaN explained variance: constant returns
+                    "train_seconds": time.time() - started,
+                    **summary,
+                }
                 write_json_atomic(run_dir / "result.json", finite_or_none(result))
                 log(f"saved {run_dir / 'model'}")
             stop = signals.requested(accelerator)  # a collective: before the process group ends
