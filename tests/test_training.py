@@ -327,7 +327,9 @@ METHODS = [
 
 
 @pytest.mark.parametrize("method, sections, step1_loss", METHODS, ids=lambda v: str(v)[:30])
-def test_each_pair_method_trains(tmp_path, tiny_model_dir, data8, method, sections, step1_loss):
+def test_each_pair_method_trains(
+    tmp_path, tiny_model_dir, tiny_tokenizer, data8, method, sections, step1_loss
+):
     out = train(make_cfg(tiny_model_dir, data8, tmp_path / "run", method=method, **sections), log=quiet)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
@@ -336,8 +338,21 @@ def test_each_pair_method_trains(tmp_path, tiny_model_dir, data8, method, sectio
         assert all(math.isfinite(row[k]) for k in STANDARD_KEYS)
     if step1_loss is not None:
         assert rows[0]["loss"] == pytest.approx(step1_loss, abs=1e-5)
-    if method == "rpo":  # DPO term ln 2 plus the per-token NLL of the chosen response
-        assert rows[0]["loss"] > LN2 + 1.0 and abs(rows[0]["rewards/margins"]) < 1e-5
+    if method == "rpo":  # DPO term ln 2 plus α × the per-token NLL of the chosen response (α = 1), batch mean
+        from transformers import AutoModelForCausalLM
+
+        from preftune.training.loop import StepPlan
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        _, (first,) = StepPlan(8, 2, 1, 0).step(0)  # step 1's pairs (examples are the file's lines)
+        records = pair_records(8)
+        nll = []
+        for i in first:
+            chosen = response_ids(tiny_tokenizer, records[i]["chosen"])
+            p = prompt_ids(tiny_tokenizer, records[i]["prompt"])
+            nll.append(-hand_logps(base, p, chosen) / len(chosen))
+        assert rows[0]["loss"] == pytest.approx(LN2 + sum(nll) / len(nll), abs=1e-4)
+        assert abs(rows[0]["rewards/margins"]) < 1e-5
     if method == "simpo":  # reference-free: no reference log-probs, rewards are beta * mean token log-prob
         assert not (out / "ref_logps.safetensors").exists()
         assert rows[0]["rewards/chosen"] < 0 and rows[0]["loss"] > 0

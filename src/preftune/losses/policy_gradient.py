@@ -98,7 +98,9 @@ def group_advantages(
     return torch.where(ok & spread, centred, torch.zeros_like(centred)).view(-1)
 
 
-def zero_spread_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def zero_spread_groups(
+    rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """(P,) bool: the groups of ``rewards`` (N = P·G, grouped) whose valid rewards are all equal (or fewer
     than two): their advantages are 0, so they give no gradient."""
     r = rewards.view(-1, group_size).float()
