@@ -1,6 +1,7 @@
-"""GRPO end to end on the tiny random model: the reward functions' arguments, metrics, the policy moves while
-the reference stays, resume equals an uninterrupted run (also between the μ steps of one batch of samples),
-a failing reward stops with a checkpoint, and config errors."""
+"""GRPO end to end on the tiny random model: the reward functions' arguments, metrics, each policy loss
+(clip, gspo, cispo) trains, the policy moves while the reference stays, resume equals an uninterrupted run
+(also between the μ steps of one batch of samples), a failing reward stops with a checkpoint, and config
+errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import preftune
 from preftune.config import ConfigError
+from preftune.losses import POLICY_LOSSES
 from preftune.rewards import RewardError
 from preftune.training import train
 
@@ -116,6 +118,46 @@ def test_grpo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
     base = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(run / "model" / "model.safetensors")
     assert any(not torch.equal(base[k], trained[k]) for k in base)  # the policy moved
+
+
+@pytest.mark.parametrize("policy_loss", list(POLICY_LOSSES))
+def test_each_policy_loss_trains(tmp_path, tiny_model_dir, prompts, reward_module, policy_loss):
+    """grpo.policy_loss end to end: one batch of samples serves 2 updates (the second off-policy), β > 0 so
+    the KL term enters too. Finite metrics with the loss's own clip shares, its resolved clip range and
+    aggregation in config.yaml, and a saved model that loads and moved."""
+    import math
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    spec = POLICY_LOSSES[policy_loss]
+    sections = {
+        "training": {"max_steps": 2},
+        "grpo": {"policy_loss": policy_loss, "iterations": 2, "beta": 0.1},
+    }
+    run = train(config(tiny_model_dir, prompts, tmp_path / "run", **sections), log=quiet)
+    train_rows = rows(run)
+    assert [r["step"] for r in train_rows] == [1, 2]
+    others = {k for other in POLICY_LOSSES.values() for k in other.shares} - set(spec.shares)
+    for row in train_rows:
+        assert {"loss", "kl", "entropy", "reward", *spec.shares} <= set(row) and not others & set(row)
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+    assert all(train_rows[0][k] == 0.0 for k in spec.shares)  # first update: π_old = π_θ, nothing clipped
+    # second update: lr 1e-2 moved the policy far from π_old (0.8 of the tokens / completions clipped)
+    assert all(train_rows[1][k] > 0 for k in spec.shares if k.endswith("region"))
+    if spec.per == "sequences":  # shares of the step's 2 × 4 completions
+        assert all((r[k] * 8).is_integer() for r in train_rows for k in spec.shares)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["grpo"]
+    assert (resolved["epsilon_low"], resolved["epsilon_high"], resolved["aggregation"]) == (
+        spec.epsilon_low,
+        spec.epsilon_high,
+        spec.aggregation,
+    )
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    trained = model.state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in trained.values())
+    assert any(not torch.equal(base[k], trained[k]) for k in base)
 
 
 def test_reference_stays_frozen_and_kl_is_logged(tmp_path, tiny_model_dir, prompts, reward_module):

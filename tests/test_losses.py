@@ -16,6 +16,7 @@ from preftune.losses import (
     ipo_loss,
     odpo_loss,
     odpo_offset,
+    orpo_loss,
     pair_metrics,
     rpo_loss,
     simpo_loss,
@@ -436,6 +437,7 @@ def test_pair_loss_registry():
         "rpo": rpo_loss,
         "odpo": odpo_loss,
         "simpo": simpo_loss,
+        "orpo": orpo_loss,
     }
 
 

@@ -161,6 +161,11 @@ class SimPOConfig:
 
 
 @dataclass
+class ORPOConfig:
+    beta: float = 0.1  # the paper's lambda: odds-ratio term weight next to the chosen NLL (TRL's default)
+
+
+@dataclass
 class RewardModelConfig:
     use_margin: bool = True  # subtract the data's `margin` column when present
 
@@ -174,12 +179,18 @@ class GRPOConfig:
     iterations: int = 1  # μ optimizer steps per batch of samples (μ > 1: π_old != π_θ)
     beta: float = 0.0  # KL coefficient; 0 = no reference model at all
     kl: str = "k3"  # k3 (paper) | k2; k1 only at beta 0 (as a loss term its expected gradient is 0)
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28
+    policy_loss: str = "clip"  # clip (paper) | gspo (sequence ratio) | cispo (clipped, detached IS weight)
+    # clip range 1 − epsilon_low .. 1 + epsilon_high of the ratio; unset (null): the policy loss's own, clip
+    # 0.2 / 0.2 (paper; DAPO's clip-higher: epsilon_high 0.28), gspo 3e-4 / 4e-4 (paper), cispo 1.0 (no
+    # lower bound) / 4.0 (weight capped at 5)
+    epsilon_low: float | None = None
+    epsilon_high: float | None = None
     # group | batch | none (Dr. GRPO); unset (null): group, or none with baseline leave_one_out (RLOO)
     scale: str | None = None
     baseline: str = "mean"  # mean | leave_one_out (RLOO)
-    aggregation: str = "token_mean"  # token_mean (DAPO) | sequence_mean (paper) | constant (Dr. GRPO)
+    # token_mean (DAPO) | sequence_mean (paper) | constant (Dr. GRPO); unset (null): the policy loss's own,
+    # token_mean for clip and cispo, sequence_mean for gspo
+    aggregation: str | None = None
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
     # DAPO's dynamic sampling: groups whose rewards have no spread are replaced by more sampled groups, at
     # most dynamic_sampling_max_rounds extra rounds of prompts_per_step prompts (training/dynamic.py)
@@ -193,6 +204,12 @@ class GRPOConfig:
         # RLOO divides by no std: with scale: group, leave_one_out would be GRPO × G/(G−1), not RLOO
         if self.scale is None:
             self.scale = "none" if self.baseline == "leave_one_out" else "group"
+        from .losses.policy_gradient import POLICY_LOSSES  # here: config stays importable without torch
+
+        own = POLICY_LOSSES.get(self.policy_loss)  # an unknown name is reported by the checks
+        for key in ("epsilon_low", "epsilon_high", "aggregation"):
+            if getattr(self, key) is None and own is not None:
+                setattr(self, key, getattr(own, key))
 
     # what the shared online loop reads (PPO names them differently)
     @property
@@ -275,6 +292,7 @@ METHOD_SECTIONS: dict[str, type] = {
     "rpo": RPOConfig,
     "odpo": ODPOConfig,
     "simpo": SimPOConfig,
+    "orpo": ORPOConfig,
     "reward_model": RewardModelConfig,
     "grpo": GRPOConfig,
     "ppo": PPOConfig,
@@ -294,6 +312,7 @@ class TrainConfig:
     rpo: RPOConfig | None = None
     odpo: ODPOConfig | None = None
     simpo: SimPOConfig | None = None
+    orpo: ORPOConfig | None = None
     reward_model: RewardModelConfig | None = None
     grpo: GRPOConfig | None = None
     ppo: PPOConfig | None = None
@@ -577,6 +596,8 @@ def _validate_online(cfg: TrainConfig, bad) -> None:
 
 
 def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
+    from .losses.policy_gradient import POLICY_LOSSES
+
     return [
         (
             g.group_size >= 2,
@@ -599,8 +620,16 @@ def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
             "shaping (ppo.kl)",
         ),
         (
-            0 <= g.epsilon_low < 1 and g.epsilon_high >= 0,
-            "grpo.epsilon_low must be in [0, 1), epsilon_high >= 0",
+            g.policy_loss in POLICY_LOSSES,
+            f"grpo.policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {g.policy_loss!r}",
+        ),
+        (
+            g.policy_loss not in POLICY_LOSSES
+            or (
+                0 <= g.epsilon_low and (g.epsilon_low < 1 or g.policy_loss == "cispo") and g.epsilon_high >= 0
+            ),
+            "grpo.epsilon_low must be in [0, 1) (>= 0 for cispo, where >= 1 means no lower bound on the "
+            "weight), epsilon_high >= 0",
         ),
         (g.scale in ("group", "batch", "none"), f"grpo.scale must be group, batch or none, got {g.scale!r}"),
         (

@@ -3,9 +3,9 @@
 Pair methods are registered in :data:`PAIR_METHODS` by their config ``method:`` name, each with the named
 inputs its loss takes (which also says whether it needs a reference model); the Bradley-Terry reward-model
 loss is separate (it takes scores, not log-probs); ``policy_gradient`` holds the online methods' pieces
-(group advantages, the clipped ratio, KL estimators) and ``ppo`` PPO's (KL-shaped rewards, GAE,
-whitening, the clipped value loss, the adaptive KL coefficient); ``reduction`` turns unreduced per-example or per-token
-losses into a step's loss.
+(group advantages, the policy losses :data:`POLICY_LOSSES`, KL estimators) and ``ppo`` PPO's (KL-shaped
+rewards, GAE, whitening, the clipped value loss, the adaptive KL coefficient); ``reduction`` turns unreduced
+per-example or per-token losses into a step's loss.
 See docs/methods.md for the index.
 """
 
@@ -20,6 +20,7 @@ from preftune.losses.pairwise import (
     ipo_loss,
     odpo_loss,
     odpo_offset,
+    orpo_loss,
     pair_metrics,
     rpo_loss,
     simpo_loss,
@@ -27,12 +28,18 @@ from preftune.losses.pairwise import (
 from preftune.losses.policy_gradient import (
     BASELINES,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     SCALES,
+    PolicyLoss,
+    capped_weight_fractions,
+    cispo_policy_loss,
     clip_fractions,
     clipped_policy_loss,
     group_advantages,
     grpo_token_loss,
+    gspo_policy_loss,
     kl_penalty,
+    sequence_clip_fractions,
     zero_spread_fraction,
     zero_spread_groups,
 )
@@ -58,13 +65,19 @@ __all__ = [
     "AGGREGATIONS",
     "BASELINES",
     "KL_ESTIMATORS",
+    "POLICY_LOSSES",
     "SCALES",
+    "PolicyLoss",
     "aggregate",
+    "capped_weight_fractions",
+    "cispo_policy_loss",
     "clip_fractions",
     "clipped_policy_loss",
     "group_advantages",
+    "gspo_policy_loss",
     "grpo_token_loss",
     "kl_penalty",
+    "sequence_clip_fractions",
     "zero_spread_fraction",
     "zero_spread_groups",
     "PPO_KL_ESTIMATORS",
@@ -91,6 +104,7 @@ __all__ = [
     "ipo_loss",
     "odpo_loss",
     "odpo_offset",
+    "orpo_loss",
     "pair_metrics",
     "rpo_loss",
     "simpo_loss",

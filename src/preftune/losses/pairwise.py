@@ -1,4 +1,4 @@
-"""Offline pair losses: DPO, cDPO, IPO, hinge (SLiC), RPO, ODPO and SimPO, one small pure function each.
+"""Offline pair losses: DPO, cDPO, IPO, hinge (SLiC), RPO, ODPO, SimPO and ORPO, one small pure function each.
 
 Every function takes ``(B,)`` tensors of per-sequence log-probs -- summed over the response tokens only
 (prompt and padding masked out) -- and returns a :class:`LossOutput` with the **unreduced** ``(B,)`` losses
@@ -16,10 +16,15 @@ Where we depart from the papers or from TRL (also in docs/methods.md):
 - RPO's NLL term is on the chosen response only, per token: -pc / |y_w|.
 - ODPO's offset is validated: the log offset needs s_w > s_l strictly, so ties are an error, not a silent
   -inf. Lengths are clamped to >= 1, so a fully truncated response cannot produce NaN.
+- ORPO's NLL term is on the chosen response only, per token (-pc / |y_w|), averaged per pair; TRL's is one
+  token mean over the whole batch of chosen sequences, prompt tokens included. Its odds-ratio term equals
+  TRL's ``odds_ratio_loss``, except that the mean log-prob is clamped to <= -1e-6 inside the log-odds (TRL
+  gives inf and a NaN gradient at a mean log-prob of exactly 0).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +39,7 @@ class LossOutput:
     losses: torch.Tensor  # (B,) per-example, unreduced
     chosen_rewards: torch.Tensor | None = None  # (B,) detached implicit rewards
     rejected_rewards: torch.Tensor | None = None  # (B,) detached
+    metrics: dict[str, torch.Tensor] | None = None  # method's own (B,) detached diagnostics, logged as means
 
 
 def _as_float(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -250,6 +256,60 @@ def simpo_loss(
     return LossOutput(losses, r_w.detach(), r_l.detach())
 
 
+ORPO_MAX_MEAN_LOGP = -1e-6  # the mean log-prob is clamped to this inside ORPO's log-odds (odds <= 1e6)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) elementwise for x < 0, without cancellation (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): log(-expm1(x)) for x > -ln 2, log1p(-exp(x)) below. Same shape in and out; x = 0
+    gives -inf (callers clamp x below 0)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 4, 6, 7): no reference model; all inputs and losses ``(B,)``.
+
+    With the mean token log-prob l = log pi(y|x) / |y| (SUMMED log-probs in, lengths clamped to >= 1),
+    p = exp(l) and odds(y) = p / (1 - p), i.e. log odds = l - log(1 - exp(l)):
+
+        loss = -l_w + beta * -log sigma(log odds(y_w) - log odds(y_l))
+
+    -l_w is the NLL of the chosen response per token; beta is the paper's lambda (TRL's ``beta``, default
+    0.1). log(1 - exp(l)) is :func:`log1mexp` of l clamped to <= ``ORPO_MAX_MEAN_LOGP`` = -1e-6, so l = 0 (an
+    empty or certain response) gives log odds ~ 13.8 and finite gradients; the clamp stops the odds-ratio
+    gradient of a response whose mean token probability is above 1 - 1e-6 (the NLL gradient still flows).
+
+    Rewards are beta * l, as TRL's ORPO logs them. ``metrics`` holds TRL's diagnostics per pair:
+    ``nll_loss`` = -l_w, ``log_odds_ratio`` = log sigma(log odds(y_w) - log odds(y_l)) and
+    ``log_odds_chosen`` = log odds(y_w) - log odds(y_l) (TRL's names).
+    """
+    _check_beta(beta)
+    pc, pr, n_w, n_l = _as_float(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    l_w = pc / n_w.clamp(min=1.0)  # mean token log-prob of y_w   (B,)
+    l_l = pr / n_l.clamp(min=1.0)  # of y_l   (B,)
+
+    def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+        x = mean_logp.clamp(max=ORPO_MAX_MEAN_LOGP)
+        return x - log1mexp(x)  # log p - log(1 - p)
+
+    z = log_odds(l_w) - log_odds(l_l)  # log odds ratio   (B,)
+    nll = -l_w  # NLL(y_w) / |y_w|   (B,)
+    losses = nll - beta * F.logsigmoid(z)  # -l_w - beta log sigma(z)
+    metrics = {
+        "nll_loss": nll.detach(),
+        "log_odds_ratio": F.logsigmoid(z).detach(),
+        "log_odds_chosen": z.detach(),
+    }
+    return LossOutput(losses, (beta * l_w).detach(), (beta * l_l).detach(), metrics)
+
+
 def pair_metrics(
     out: LossOutput,
     policy_chosen_logps: torch.Tensor | None = None,
@@ -257,7 +317,8 @@ def pair_metrics(
 ) -> dict[str, float]:
     """Batch means of the standard pair metrics: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``
     (accuracy: fraction with chosen reward strictly > rejected) and ``logps/{chosen,rejected}``.
-    Keys whose inputs are None (rewards of a loss without them, logps for a reward model) are omitted."""
+    Keys whose inputs are None (rewards of a loss without them, logps for a reward model) are omitted; a
+    loss's own ``metrics`` (ORPO's ``nll_loss``, ...) are added as batch means under their names."""
     metrics = {"loss": out.losses.detach().double().mean().item()}
     if out.chosen_rewards is not None and out.rejected_rewards is not None:
         r_w, r_l = out.chosen_rewards.detach().double(), out.rejected_rewards.detach().double()
@@ -269,6 +330,8 @@ def pair_metrics(
         metrics["logps/chosen"] = policy_chosen_logps.detach().double().mean().item()
     if policy_rejected_logps is not None:
         metrics["logps/rejected"] = policy_rejected_logps.detach().double().mean().item()
+    for name, values in (out.metrics or {}).items():
+        metrics[name] = values.detach().double().mean().item()
     return metrics
 
 
@@ -303,4 +366,5 @@ PAIR_METHODS: dict[str, PairMethod] = {
     "rpo": PairMethod(rpo_loss, POLICY + REFERENCE + ("chosen_lengths",)),
     "odpo": PairMethod(odpo_loss, POLICY + REFERENCE + ("score_chosen", "score_rejected")),
     "simpo": PairMethod(simpo_loss, POLICY + ("chosen_lengths", "rejected_lengths")),
+    "orpo": PairMethod(orpo_loss, POLICY + ("chosen_lengths", "rejected_lengths")),
 }

@@ -31,9 +31,26 @@ Where preftune's options depart from the paper, and the defaults:
   what the field (TRL's default) uses now. ``constant`` (Dr. GRPO) divides by G'·L_max, length-unbiased.
 - A group whose rewards are all equal gives zero advantage (no gradient): counted in ``frac_reward_zero_std``.
 - Completions without a reward (``None``) get zero advantage and are left out of their group's statistics.
+
+The policy loss (``grpo.policy_loss``, :data:`POLICY_LOSSES`) is one of three, each a pure function below:
+
+- ``clip`` (the paper, :func:`clipped_policy_loss`): the token-level clipped ratio above.
+- ``gspo`` (Zheng et al. 2025, arXiv 2507.18071, §4.1 and §4.3, :func:`gspo_policy_loss`): one ratio per
+  completion, s_i = (π_θ(o_i)/π_old(o_i))^(1/|o_i|), clipped in a range of its own (ε 3e-4 / 4e-4, §5.1),
+  each completion's tokens averaged (``sequence_mean``, as verl, which forces it, and TRL's paper setup).
+- ``cispo`` (MiniMax-M1, arXiv 2506.13585, §3.1, :func:`cispo_policy_loss`): REINFORCE with the
+  token's importance weight clipped and detached, so no token's gradient is dropped; token mean, no lower
+  bound on the weight and 1 + ε_high = 5 (TRL's recommended ε_max, ScaleRL's).
+
+Each one's clip range and aggregation, when the config leaves them unset, is its :class:`PolicyLoss`
+entry. At one update per batch of samples (π_old = sg[π_θ]) all three give the same gradient,
+−Â·∇log π_θ per token, aggregated alike.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -145,6 +162,161 @@ def clip_fractions(
     }
 
 
+def gspo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO's per-token loss (Zheng et al. 2025, arXiv 2507.18071): (loss (N, L), s (N,)).
+
+    ``logps``, ``old_logps``, ``mask`` (N, L); ``advantages`` (N,) or (N, L). The sequence ratio (§4.1)
+
+        s_i = (π_θ(o_i)/π_old(o_i))^(1/|o_i|) = exp((1/|o_i|)·Σ_t m·(log π_θ − log π_old))
+
+    enters every token of o_i in the GSPO-token form (§4.3): s_i,t = sg[s_i]·π_θ(o_i,t)/sg[π_θ(o_i,t)], whose
+    value is s_i and whose gradient is s_i·∇log π_θ(o_i,t); the loss is −min(s_i,t·Â, clip(s_i,t, 1−ε_low,
+    1+ε_high)·Â). Averaged over each completion's tokens (``sequence_mean``) this is the paper's objective
+    −min(s_i·Â_i, clip(s_i)·Â_i) with its gradient −Â_i·s_i·(1/|o_i|)·Σ_t ∇log π_θ(o_i,t) (unclipped), as
+    TRL's ``importance_sampling_level="sequence"`` and verl's ``compute_policy_loss_gspo`` compute it; a
+    clipped completion gives no gradient at all. A completion without loss tokens gets s = 1.
+
+    Example (ε = 0.2): log-ratios [0.3, −0.1] (|o| = 2) give s = e^0.1 = 1.105; with Â = 1 the loss is −1.105
+    on both tokens and both keep their gradient, although the first token's own ratio e^0.3 = 1.35 lies beyond
+    the token clip (where ``clip`` would drop it).
+    """
+    m = mask.to(logps.dtype)
+    log_s = ((logps - old_logps) * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)  # (N,) log s_i
+    log_s_t = logps - logps.detach() + log_s.detach().unsqueeze(-1)  # (N, L) value log s_i, grad ∇log π_θ
+    loss, _ = clipped_policy_loss(
+        log_s_t, torch.zeros_like(log_s_t), advantages, eps_low=eps_low, eps_high=eps_high
+    )
+    return loss, log_s.detach().exp()
+
+
+def cispo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO's per-token loss (MiniMax-M1, arXiv 2506.13585, §3.1): (loss (N, L), ρ (N, L)).
+
+    ``logps``, ``old_logps`` (N, L); ``advantages`` (N,) or (N, L); ``mask`` is not needed (token level).
+
+        loss_t = −sg[clip(ρ_t, 1−ε_low, 1+ε_high)]·Â·log π_θ(o_t),     ρ_t = π_θ(o_t)/π_old(o_t)
+
+    The clipped weight is a constant: every token's gradient is −w_t·Â·∇log π_θ, never 0 (the clip only
+    caps w_t), where the ``clip`` loss drops the gradient of a token beyond its range. MiniMax sets no lower
+    bound (ε_low ≥ 1: 1 − ε_low ≤ 0 < ρ), only ε_high. TRL's ``loss_type="cispo"`` is
+    −sg[min(ρ, ε_max)]·Â·log π_θ (ε_max = 1 + ε_high here); verl's ``compute_policy_loss_cispo`` clips
+    both sides as here. The value is not ≈ 0 at ρ = 1 (it is −Â·log π_θ); the gradient is what trains.
+
+    Example (ε_high = 0.2): ρ = 1.5, Â = 1, log π_θ = −2 give w = 1.2, loss 2.4, ∂loss/∂log π_θ = −1.2.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old_logps)  # ρ_t
+    weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach()  # sg[clip(ρ_t)]
+    return -weight * adv * logps, ratio
+
+
+def sequence_clip_fractions(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float
+) -> dict[str, float]:
+    """GSPO: share of completions (with loss tokens) whose update the sequence clip stopped, from s (N,),
+    Â (N,) and the token mask (N, L): ``low`` (s < 1−ε_low with Â < 0), ``high`` (s > 1+ε_high with Â > 0),
+    ``region`` (either)."""
+    present = mask.any(dim=-1)  # (N,)
+    adv = advantages if advantages.dim() == 1 else advantages[:, 0]
+    low = (ratio < 1.0 - eps_low) & (adv < 0) & present
+    high = (ratio > 1.0 + eps_high) & (adv > 0) & present
+    n = present.sum().clamp(min=1)
+    return {
+        "seq_clip_ratio/low": float(low.sum() / n),
+        "seq_clip_ratio/high": float(high.sum() / n),
+        "seq_clip_ratio/region": float((low | high).sum() / n),
+    }
+
+
+def capped_weight_fractions(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float
+) -> dict[str, float]:
+    """CISPO: share of completion tokens whose importance weight the clip capped (their gradient is kept,
+    scaled down): ``high`` (ρ > 1+ε_high), ``low`` (ρ < 1−ε_low; 0 without a lower bound), whatever the
+    sign of Â (TRL's ``cispo_clip_ratio`` counts only Â > 0)."""
+    n = mask.sum().clamp(min=1)
+    return {
+        "is_weight_capped/high": float(((ratio > 1.0 + eps_high) & mask).sum() / n),
+        "is_weight_capped/low": float(((ratio < 1.0 - eps_low) & mask).sum() / n),
+    }
+
+
+def _clip_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clipped_policy_loss` with the policy losses' signature (token level: no mask needed)."""
+    return clipped_policy_loss(logps, old_logps, advantages, eps_low=eps_low, eps_high=eps_high)
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """One ``grpo.policy_loss``: its per-token loss (logps, old_logps, Â, mask, *, eps_low, eps_high) →
+    (loss (N, L), ratio), its clip metrics (ratio, Â, mask, *, eps_low, eps_high) → the shares named
+    ``shares``, of ``per`` (``tokens`` or ``sequences``), and the clip range and aggregation it takes when
+    the config leaves them unset."""
+
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fractions: Callable[..., dict[str, float]]
+    shares: tuple[str, ...]
+    per: str
+    epsilon_low: float
+    epsilon_high: float
+    aggregation: str
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "clip": PolicyLoss(  # the GRPO paper: ε 0.2 both sides; every token of the step alike (DAPO, TRL)
+        loss=_clip_policy_loss,
+        fractions=clip_fractions,
+        shares=("clip_ratio/low", "clip_ratio/high", "clip_ratio/region"),
+        per="tokens",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        aggregation="token_mean",
+    ),
+    "gspo": PolicyLoss(  # GSPO §5.1: ε 3e-4 / 4e-4; the paper's per-completion mean (verl forces it)
+        loss=gspo_policy_loss,
+        fractions=sequence_clip_fractions,
+        shares=("seq_clip_ratio/low", "seq_clip_ratio/high", "seq_clip_ratio/region"),
+        per="sequences",
+        epsilon_low=3e-4,
+        epsilon_high=4e-4,
+        aggregation="sequence_mean",
+    ),
+    "cispo": PolicyLoss(  # MiniMax-M1: no lower bound (1 − 1 = 0 < ρ); 1 + ε_high = 5: TRL's advised ε_max
+        loss=cispo_policy_loss,
+        fractions=capped_weight_fractions,
+        shares=("is_weight_capped/high", "is_weight_capped/low"),
+        per="tokens",
+        epsilon_low=1.0,
+        epsilon_high=4.0,
+        aggregation="token_mean",
+    ),
+}
+
+
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL(π_θ‖π_ref) estimates at tokens y sampled from π_θ, x = log π_ref(y) − log π_θ(y) (N, L):
     k1 = −x; k2 = x²/2; k3 = eˣ − x − 1 (≥ 0; the GRPO paper's). All are 0 where π_θ = π_ref.
@@ -182,14 +354,26 @@ def grpo_token_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     kl: str = "k3",
+    policy_loss: str = "clip",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GRPO's per-token loss (the negated objective above): (loss (N, L), ρ (N, L), KL_t (N, L) or None).
+    """GRPO's per-token loss (the negated objective above): (loss (N, L), ratio, KL_t (N, L) or None).
 
-    With β = 0 the KL term is absent and ``ref_logps`` is not needed. At one update per batch of samples
-    ``old_logps`` is ``logps.detach()``: ρ = 1 exactly, the loss value is −Â (≈ 0 on average) and its
-    gradient is −Â·∇log π_θ, the advantage-weighted log-prob gradient.
+    ``policy_loss`` names a :data:`POLICY_LOSSES` entry: ``clip`` (ratio ρ (N, L)), ``gspo`` (ratio s (N,),
+    from the log-ratios over each completion's ``mask`` (N, L); default: every position) or ``cispo`` (ratio
+    ρ (N, L)). With β = 0 the KL term is absent and ``ref_logps`` is not needed; with β > 0, β·KL_t is added
+    to every token whatever the policy loss. At one update per batch of samples ``old_logps`` is
+    ``logps.detach()``: the ratio is 1 exactly and the gradient of each is −Â·∇log π_θ per token, the
+    advantage-weighted log-prob gradient (the value is −Â for ``clip`` and ``gspo``, −Â·log π_θ for
+    ``cispo``).
     """
-    loss, ratio = clipped_policy_loss(logps, old_logps, advantages, eps_low=eps_low, eps_high=eps_high)
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"policy loss must be one of {tuple(POLICY_LOSSES)}, got {policy_loss!r}")
+    if mask is None:
+        mask = torch.ones_like(logps, dtype=torch.bool)
+    loss, ratio = POLICY_LOSSES[policy_loss].loss(
+        logps, old_logps, advantages, mask, eps_low=eps_low, eps_high=eps_high
+    )
     kl_t = None
     if beta > 0:
         if ref_logps is None:

@@ -1,5 +1,6 @@
-"""GRPO on the online loop (``online.py``): group advantages from each prompt's G completions, the clipped
-ratio and the per-token KL to π_ref (:mod:`preftune.losses.policy_gradient`).
+"""GRPO on the online loop (``online.py``): group advantages from each prompt's G completions, the policy
+loss (``grpo.policy_loss``: the clipped ratio, GSPO's sequence ratio or CISPO's clipped weight) and the
+per-token KL to π_ref (:mod:`preftune.losses.policy_gradient`).
 
 One optimizer step takes ``grpo.prompts_per_step`` (P) prompts × ``grpo.group_size`` (G) completions; a batch
 of samples serves ``grpo.iterations`` (μ) optimizer steps, each over all of its completions. At μ = 1 π_old is
@@ -15,7 +16,7 @@ from functools import partial
 
 import torch
 
-from ..losses import aggregate, clip_fractions, group_advantages, grpo_token_loss, zero_spread_fraction
+from ..losses import POLICY_LOSSES, aggregate, group_advantages, grpo_token_loss, zero_spread_fraction
 from .dynamic import collect_full_rollout
 from .engine import sum_over_processes
 from .online import (
@@ -28,8 +29,6 @@ from .online import (
     train_online,
 )
 from .rollout import Rollout, completion_logps
-
-_TOKEN_METRICS = ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
 
 
 class GRPO(OnlineMethod):
@@ -79,8 +78,9 @@ class GRPO(OnlineMethod):
             acc, {"tokens": float(full_mask.sum()), "sequences": float(full_mask.any(dim=1).sum())}
         )
         n_tokens, n_sequences = int(counts["tokens"]), max(int(counts["sequences"]), 1)
-        sums = dict.fromkeys(("loss", "kl", *_TOKEN_METRICS), 0.0)
-        sums.update(tokens=float(full_mask.sum()), all_tokens=0.0, padded_tokens=0.0)
+        policy = POLICY_LOSSES[g.policy_loss]
+        sums = dict.fromkeys(("loss", "kl", "entropy", "all_tokens", "padded_tokens", *policy.shares), 0.0)
+        sums.update(tokens=float(full_mask.sum()), sequences=float(full_mask.any(dim=1).sum()))
         finite = True
         agreement = SamplingAgreement() if iteration == 0 and rollout.sample_logps is not None else None
         for mb in micro_batches(model, rollout, range(n), s, sums, agreement=agreement):
@@ -92,7 +92,7 @@ class GRPO(OnlineMethod):
             mask = rollout.loss_mask(idx, cols, g.mask_truncated).to(device)
             per_token, ratio, kl_t = grpo_token_loss(
                 logps, old, adv, eps_low=g.epsilon_low, eps_high=g.epsilon_high, beta=g.beta, ref_logps=ref,
-                kl=g.kl,
+                kl=g.kl, policy_loss=g.policy_loss, mask=mask,
             )  # fmt: skip
             loss = aggregate(
                 per_token, mask, g.aggregation, n_sequences=n_sequences, n_tokens=n_tokens, max_length=width
@@ -104,19 +104,26 @@ class GRPO(OnlineMethod):
             sums["entropy"] += float((mb["entropy"] * m).sum())
             if kl_t is not None:
                 sums["kl"] += float((kl_t.detach() * m).sum())
-            tok = float(m.sum())
-            fractions = clip_fractions(
+            # clip shares of this micro-batch's tokens (clip, cispo) or completions (gspo), summed as counts
+            count = float(m.sum()) if policy.per == "tokens" else float(mask.any(dim=1).sum())
+            fractions = policy.fractions(
                 ratio.detach(), adv, mask, eps_low=g.epsilon_low, eps_high=g.epsilon_high
             )
             for key, value in fractions.items():
-                sums[key] += value * tok
+                sums[key] += value * count
         if agreement is not None:
             self.sampling_metrics = agreement.metrics(acc)
         return sums, all_finite(acc, finite)
 
     def row(self, sums: dict[str, float], rollout: Rollout) -> dict:
         tokens = max(sums["tokens"], 1.0)
-        row = {"loss": sums["loss"], **{k: sums[k] / tokens for k in _TOKEN_METRICS}}
+        policy = POLICY_LOSSES[self.s.cfg.grpo.policy_loss]
+        per = max(sums[policy.per], 1.0)  # the clip shares are of tokens or of completions
+        row = {
+            "loss": sums["loss"],
+            "entropy": sums["entropy"] / tokens,
+            **{k: sums[k] / per for k in policy.shares},
+        }
         if self.s.cfg.grpo.beta > 0:
             row["kl"] = sums["kl"] / tokens
         return row
