@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+TRACKERS = ("tensorboard", "wandb", "trackio")  # accelerate trackers training.report_to may name
+
 
 class ConfigError(ValueError):
     """A bad configuration. The message names the key."""
@@ -59,6 +61,8 @@ class ColumnsConfig:
     score_chosen: str = "score_chosen"
     score_rejected: str = "score_rejected"
     margin: str = "margin"
+    completion: str = "completion"  # unpaired data (kto)
+    label: str = "label"  # unpaired data (kto): true = desirable
 
 
 @dataclass
@@ -118,7 +122,7 @@ class TrainingConfig:
     ref_cache: bool = True  # reuse precomputed reference log-probs across runs ($PREFTUNE_CACHE/ref_logps)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
     group_by_length: bool = False  # shuffle, then sort windows of 50 micro-batches by length: less padding
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb (accelerate trackers)
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | trackio (accelerate trackers)
     progress: bool = True
 
 
@@ -163,6 +167,16 @@ class SimPOConfig:
 @dataclass
 class ORPOConfig:
     beta: float = 0.1  # the paper's lambda: odds-ratio term weight next to the chosen NLL (TRL's default)
+
+
+@dataclass
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired data (prompt, completion, label), or pairs
+    split into one desirable and one undesirable record each (losses/kto.py, training/kto.py)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D; 0 trains on the undesirable records only
+    undesirable_weight: float = 1.0  # lambda_U; 0 trains on the desirable records only
 
 
 @dataclass
@@ -282,8 +296,33 @@ class PPOConfig:
         return self.epochs * self.minibatches
 
 
+@dataclass
+class OnlineDPOConfig:
+    """Online DPO (Guo et al. 2024, arXiv 2402.04792): per prompt two completions of the current policy,
+    the higher-reward one chosen (ties and pairs with a missing reward skipped), the DPO or IPO loss against
+    π_ref (training/online_dpo.py). One batch of ``prompts_per_batch`` prompts × 2 completions is one
+    optimizer step."""
+
+    beta: float = 0.1  # the DPO β (IPO's τ); > 0: π_ref is always used
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    prompts_per_batch: int = 8  # prompts (pairs) per optimizer step, all processes together
+    rewards: list = field(default_factory=lambda: ["vader"])  # as grpo.rewards: names or mappings
+    eval_samples_per_prompt: int = 2
+    log_completions_every: int = 10
+
+    # what the shared online loop reads: two completions per prompt, one update per batch (on-policy)
+    @property
+    def completions_per_prompt(self) -> int:
+        return 2
+
+    @property
+    def updates_per_batch(self) -> int:
+        return 1
+
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
-ONLINE_METHODS = ("grpo", "ppo")  # trained from prompts and reward functions, with the `generation` section
+# trained from prompts and reward functions, with the `generation` section
+ONLINE_METHODS = ("grpo", "ppo", "online_dpo")
 
 METHOD_SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
@@ -293,9 +332,11 @@ METHOD_SECTIONS: dict[str, type] = {
     "odpo": ODPOConfig,
     "simpo": SimPOConfig,
     "orpo": ORPOConfig,
+    "kto": KTOConfig,
     "reward_model": RewardModelConfig,
     "grpo": GRPOConfig,
     "ppo": PPOConfig,
+    "online_dpo": OnlineDPOConfig,
 }
 
 
@@ -313,9 +354,11 @@ class TrainConfig:
     odpo: ODPOConfig | None = None
     simpo: SimPOConfig | None = None
     orpo: ORPOConfig | None = None
+    kto: KTOConfig | None = None
     reward_model: RewardModelConfig | None = None
     grpo: GRPOConfig | None = None
     ppo: PPOConfig | None = None
+    online_dpo: OnlineDPOConfig | None = None
 
     @property
     def method_config(self) -> Any:
@@ -543,8 +586,8 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
     if len(t.adam_betas) != 2:
         bad("training.adam_betas must have two values")
     for name in t.report_to:
-        if name not in ("tensorboard", "wandb"):
-            bad(f"training.report_to: unknown tracker {name!r} (tensorboard, wandb)")
+        if name not in TRACKERS:
+            bad(f"training.report_to: unknown tracker {name!r} ({', '.join(TRACKERS)})")
     m = cfg.method_config
     if cfg.method in ONLINE_METHODS:
         _validate_online(cfg, bad)
@@ -557,13 +600,18 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
             bad(f"odpo.offset must be log, identity or log_ratio, got {m.offset!r}")
         if m.alpha < 0:
             bad(f"odpo.alpha must be >= 0, got {m.alpha}")
+    if cfg.method == "kto":
+        if m.desirable_weight < 0 or m.undesirable_weight < 0:
+            bad("kto.desirable_weight and kto.undesirable_weight must be >= 0")
+        if m.desirable_weight == 0 and m.undesirable_weight == 0:
+            bad("kto.desirable_weight and kto.undesirable_weight are both 0: nothing would be trained")
     if cfg.method == "rpo" and m.alpha < 0:
         bad(f"rpo.alpha must be >= 0, got {m.alpha}")
 
 
 def _validate_online(cfg: TrainConfig, bad) -> None:
     m, gen, t, name = cfg.method_config, cfg.generation, cfg.training, cfg.method
-    checks = _grpo_checks(m) if name == "grpo" else _ppo_checks(m)
+    checks = {"grpo": _grpo_checks, "ppo": _ppo_checks, "online_dpo": _online_dpo_checks}[name](m)
     checks += [
         (bool(m.rewards), f"{name}.rewards must name at least one reward function"),
         (m.eval_samples_per_prompt >= 1, f"{name}.eval_samples_per_prompt must be >= 1"),
@@ -669,6 +717,19 @@ def _ppo_checks(p: PPOConfig) -> list[tuple[bool, str]]:
             p.value_learning_rate is None or p.value_learning_rate > 0,
             "ppo.value_learning_rate must be > 0 (or null for 10 × training.learning_rate)",
         ),
+    ]
+
+
+def _online_dpo_checks(o: OnlineDPOConfig) -> list[tuple[bool, str]]:
+    from .losses.pairwise import ONLINE_DPO_LOSSES
+
+    return [
+        (o.beta > 0, f"online_dpo.beta must be > 0 (the DPO loss is against π_ref), got {o.beta}"),
+        (
+            o.loss in ONLINE_DPO_LOSSES,
+            f"online_dpo.loss must be one of {', '.join(ONLINE_DPO_LOSSES)}, got {o.loss!r}",
+        ),
+        (o.prompts_per_batch >= 1, f"online_dpo.prompts_per_batch must be >= 1, got {o.prompts_per_batch}"),
     ]
 
 

@@ -1,5 +1,5 @@
 """The data layer: rows -> examples -> batch (load, validate, tokenise, collate) for pair data and prompt
-data. See docs/data.md."""
+data, and unpaired data (KTO: ``data/unpaired.py``). See docs/data.md."""
 
 from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences, pack_shared_prefix
 from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
@@ -13,6 +13,15 @@ from preftune.data.tokenize import (
     tokenize_rows,
 )
 from preftune.data.types import DataError, PairExample
+from preftune.data.unpaired import (
+    UnpairedExample,
+    check_labels,
+    collate_unpaired,
+    is_unpaired,
+    pairs_to_unpaired,
+    tokenize_unpaired_rows,
+    validate_unpaired_rows,
+)
 
 __all__ = [
     "FIELDS",
@@ -21,6 +30,13 @@ __all__ = [
     "PromptExample",
     "PromptStats",
     "TokenizeStats",
+    "UnpairedExample",
+    "check_labels",
+    "collate_unpaired",
+    "is_unpaired",
+    "pairs_to_unpaired",
+    "tokenize_unpaired_rows",
+    "validate_unpaired_rows",
     "collate_pairs",
     "collate_prompts",
     "pack_sequences",

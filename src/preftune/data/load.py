@@ -17,7 +17,8 @@ hub id                ``"<owner/name> [<split>] record N"``, 0-based
 
 Missing values (JSON ``null``, parquet nulls, empty CSV cells) count as absent fields.
 CSV cells are strings, so conversational data (lists of messages) cannot be stored in CSV;
-the score and margin columns are converted to floats.
+the score and margin columns are converted to floats, a ``label`` cell ``true``/``false`` (any case) to a
+boolean.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ FIELDS: tuple[str, ...] = (
     "prompt_ids",
     "chosen_ids",
     "rejected_ids",
+    "completion",  # unpaired data (KTO): prompt, completion, label
+    "label",
+    "completion_ids",
 )
 ID_FIELDS: tuple[str, ...] = ("prompt_ids", "chosen_ids", "rejected_ids")  # optional pre-tokenised form
 TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
@@ -240,6 +244,8 @@ def _load_csv(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
                 raise DataError(f"{source}: expected {len(header)} cells (the header's), got {len(cells)}")
             raw = {column: cell for column, cell in zip(header, cells) if cell != ""}
             row = _project(raw, mapping, source)
+            if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+                row["label"] = row["label"].strip().lower() == "true"  # unpaired data's label cell
             for field in NUMBER_FIELDS:
                 if field in row:
                     try:

@@ -2,13 +2,15 @@
 
 Pair methods are registered in :data:`PAIR_METHODS` by their config ``method:`` name, each with the named
 inputs its loss takes (which also says whether it needs a reference model); the Bradley-Terry reward-model
-loss is separate (it takes scores, not log-probs); ``policy_gradient`` holds the online methods' pieces
+loss is separate (it takes scores, not log-probs); ``kto`` holds the unpaired methods (:data:`UNPAIRED_METHODS`:
+KTO's per-record loss and its reference point); ``policy_gradient`` holds the online methods' pieces
 (group advantages, the policy losses :data:`POLICY_LOSSES`, KL estimators) and ``ppo`` PPO's (KL-shaped
 rewards, GAE, whitening, the clipped value loss, the adaptive KL coefficient); ``reduction`` turns unreduced
 per-example or per-token losses into a step's loss.
 See docs/methods.md for the index.
 """
 
+from preftune.losses.kto import UNPAIRED_METHODS, kto_loss, kto_reference_point
 from preftune.losses.pairwise import (
     ODPO_OFFSETS,
     PAIR_METHODS,
@@ -101,6 +103,9 @@ __all__ = [
     "dpo_loss",
     "example_mean",
     "hinge_loss",
+    "kto_loss",
+    "kto_reference_point",
+    "UNPAIRED_METHODS",
     "ipo_loss",
     "odpo_loss",
     "odpo_offset",

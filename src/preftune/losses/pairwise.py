@@ -368,3 +368,7 @@ PAIR_METHODS: dict[str, PairMethod] = {
     "simpo": PairMethod(simpo_loss, POLICY + ("chosen_lengths", "rejected_lengths")),
     "orpo": PairMethod(orpo_loss, POLICY + ("chosen_lengths", "rejected_lengths")),
 }
+
+# online DPO's `online_dpo.loss` vocabulary (TRL's OnlineDPOConfig.loss_type names): the pair loss each name
+# applies to a sampled pair, both on summed response log-probs
+ONLINE_DPO_LOSSES: dict[str, Callable[..., LossOutput]] = {"sigmoid": dpo_loss, "ipo": ipo_loss}

@@ -69,6 +69,22 @@ def make_accelerator(t: TrainingConfig, run_dir: Path):
     return accelerator
 
 
+def tracker_config(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """``config`` (the resolved config's nested dict) flattened for a tracker's hyperparameters: keys
+    ``section.key`` (``model.lora.r``), values int / float / str / bool as TensorBoard's hparams require
+    (lists, mappings inside lists and None become their JSON text)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(tracker_config(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
 def _adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where the device supports it (on this 2-core CPU one step of a 135M
     model takes 0.07 s fused against 0.6 s, and no full-size temporaries), else the per-parameter loop

@@ -11,9 +11,23 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ONLINE_METHODS, ConfigError, TrainConfig
-from ..data import DataError, PairExample, TokenizeStats, load_rows, split_rows, tokenize_rows, validate_rows
+from ..data import (
+    DataError,
+    PairExample,
+    TokenizeStats,
+    UnpairedExample,
+    check_labels,
+    is_unpaired,
+    load_rows,
+    pairs_to_unpaired,
+    split_rows,
+    tokenize_rows,
+    tokenize_unpaired_rows,
+    validate_rows,
+    validate_unpaired_rows,
+)
 from ..data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
-from ..losses import OffsetDomainError, odpo_offset
+from ..losses import UNPAIRED_METHODS, OffsetDomainError, odpo_offset
 from ..models import load_tokenizer, resolve_model_path
 from ..rewards import RewardFunction, load_reward
 from .loop import StepPlan, total_steps
@@ -24,7 +38,7 @@ class Prepared:
     cfg: TrainConfig
     model_path: str
     tokenizer: object
-    examples: dict[str, list[PairExample]]
+    examples: dict[str, list[PairExample]] | dict[str, list[UnpairedExample]]  # unpaired: kto
     stats: dict[str, TokenizeStats]
     sources: dict[str, list[str]] = field(default_factory=dict)
 
@@ -34,17 +48,33 @@ class Prepared:
         plan = StepPlan(
             len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed, num_processes
         )  # no sort needed
+        per_step = "records_per_step" if self.cfg.method in UNPAIRED_METHODS else "pairs_per_step"
+        if self.cfg.method in UNPAIRED_METHODS:  # records, not pairs
+            train = self.examples["train"]
+            counts = {
+                "train_records": len(train),
+                "eval_records": len(self.examples.get("eval", [])),
+                "train_desirable": sum(e.label for e in train),
+                "train_undesirable": sum(not e.label for e in train),
+                "reference": "on the fly (adapters disabled)"
+                if self.cfg.model.lora.enabled
+                else "on the fly (frozen copy)",
+            }
+        else:
+            counts = {
+                "train_pairs": len(self.examples["train"]),
+                "eval_pairs": len(self.examples.get("eval", [])),
+            }
         return {
             "method": self.cfg.method,
             "model": self.model_path,
             "lora": self.cfg.model.lora.enabled,
-            "train_pairs": len(self.examples["train"]),
-            "eval_pairs": len(self.examples.get("eval", [])),
+            **counts,
             "tokenize": {k: vars(v) for k, v in self.stats.items()},
             "processes": num_processes,
             "optimizer_steps": total_steps(self.cfg, plan),
             "steps_per_epoch": plan.steps_per_epoch,
-            "pairs_per_step": t.batch_size * t.grad_accum * num_processes,
+            per_step: t.batch_size * t.grad_accum * num_processes,
         }
 
 
@@ -177,12 +207,12 @@ def vocab_size(model_path: str, tokenizer, trust_remote_code: bool = False) -> i
     return int(size) if size else len(tokenizer)
 
 
-def _check_vocabulary(examples: list[PairExample], size: int, split: str) -> None:
+def _check_vocabulary(examples: list[PairExample] | list[UnpairedExample], size: int, split: str) -> None:
     """Token ids outside the model's vocabulary (pre-tokenised rows) are refused with file and line."""
     problems = []
     for e in examples:
-        for field_name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = getattr(e, field_name)
+        for field_name in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"):
+            ids = getattr(e, field_name, None)
             if ids and max(ids) >= size:
                 problems.append(
                     f"{e.source}: field {field_name!r}: token id {max(ids)} is outside the vocabulary"
@@ -225,11 +255,54 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
     return PreparedPrompts(cfg, model_path, tokenizer, examples, stats, rewards)
 
 
+def _unpaired(prep: Prepared, rows: dict[str, list[dict]] | None, log=print) -> Prepared:
+    """KTO's records: unpaired rows tokenised as they are, or the pairs ``prep`` holds split into one desirable
+    and one undesirable record each; both labels must be in the training data when both weights are > 0."""
+    cfg = prep.cfg
+    if rows is not None:  # unpaired rows
+        for split, split_rows_ in rows.items():
+            examples, stats = tokenize_unpaired_rows(
+                split_rows_,
+                prep.tokenizer,
+                max_length=cfg.data.max_length,
+                max_prompt_length=cfg.data.max_prompt_length,
+            )
+            if stats.dropped_empty:
+                log(f"{split} data: {stats.dropped_empty} of {stats.total} records dropped:")
+                for line in stats.dropped:
+                    log(f"  {line}")
+            if not examples:
+                raise DataError(f"{split} data: every record was dropped by tokenisation ({vars(stats)})")
+            _check_vocabulary(
+                examples, vocab_size(prep.model_path, prep.tokenizer, cfg.model.trust_remote_code), split
+            )
+            prep.examples[split], prep.stats[split] = examples, stats
+    else:
+        prep.examples = {split: pairs_to_unpaired(pairs) for split, pairs in prep.examples.items()}
+    m = cfg.method_config
+    check_labels(
+        prep.examples["train"], f"train data ({cfg.data.train})", m.desirable_weight, m.undesirable_weight
+    )
+    return prep
+
+
 def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
     """Load and check all data and the tokenizer; raise before training on anything bad."""
     if cfg.method in ONLINE_METHODS:
         return prepare_prompts(cfg, log)
     rows = _load_split_rows(cfg, log)
+    if cfg.method in UNPAIRED_METHODS and is_unpaired(
+        [r for split_rows_ in rows.values() for r in split_rows_]
+    ):
+        for split, split_rows_ in rows.items():
+            if not split_rows_:
+                raise DataError(
+                    f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
+                )
+            validate_unpaired_rows(split_rows_)
+        model_path = resolve_model_path(cfg.model.name_or_path, log)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        return _unpaired(Prepared(cfg, model_path, tokenizer, {}, {}), rows, log)
     for split, split_rows_ in rows.items():
         if not split_rows_:
             raise DataError(
@@ -264,4 +337,5 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
         )
         if cfg.method == "odpo":
             _check_odpo_scores(cfg, examples[split], split)
-    return Prepared(cfg, model_path, tokenizer, examples, stats)
+    prep = Prepared(cfg, model_path, tokenizer, examples, stats)
+    return _unpaired(prep, None, log) if cfg.method in UNPAIRED_METHODS else prep

@@ -26,7 +26,7 @@ from ..config import ONLINE_METHODS, TrainConfig
 from ..data import PairExample
 from ..files import save_safetensors_atomic
 from ..logprobs import pair_sequence_logps, sequence_logps, shared_prefix_logps, token_logps
-from ..losses import PAIR_METHODS
+from ..losses import PAIR_METHODS, UNPAIRED_METHODS
 from ..models import is_peft, unwrap_model
 
 KINDS = ("adapters_off", "copy", "initial")
@@ -36,6 +36,8 @@ def needs_reference(cfg: TrainConfig) -> bool:
     """Whether the method of ``cfg`` uses π_ref at all (the one place this is decided)."""
     if cfg.method in PAIR_METHODS:
         return not PAIR_METHODS[cfg.method].reference_free
+    if cfg.method in UNPAIRED_METHODS:  # kto: r = log π_θ − log π_ref
+        return True
     if cfg.method in ONLINE_METHODS:
         return cfg.method_config.beta > 0  # the KL term; at β = 0 no reference is loaded or run
     return False  # reward_model

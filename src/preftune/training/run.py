@@ -16,11 +16,20 @@ import torch
 
 from ..config import TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
-from ..losses import PAIR_METHODS
+from ..losses import PAIR_METHODS, UNPAIRED_METHODS
 from ..models import add_lora, load_model, save_model
-from .engine import check_mixed_precision, finite_or_none, limit_heap_growth, make_accelerator
+from .engine import (
+    check_mixed_precision,
+    finite_or_none,
+    limit_heap_growth,
+    make_accelerator,
+    sum_over_processes,
+    tracker_config,
+)
 from .grpo import train_grpo
+from .kto import KTOFamily
 from .loop import evaluate, fit
+from .online_dpo import train_online_dpo
 from .pairs import PairFamily
 from .ppo import train_ppo
 from .prepare import Prepared, PreparedPrompts, prepare
@@ -83,7 +92,9 @@ def _fit_offline(s: Session, family) -> dict:
         on_step_end=s.on_step_end,
         signals=s.signals,
         describe=lambda idx: [train_examples[i].source for i in idx],
-        lengths=[len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in train_examples],
+        lengths=family.lengths("train")
+        if hasattr(family, "lengths")
+        else [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in train_examples],
         log=s.log,
     )
 
@@ -96,6 +107,26 @@ def train_pairs(s: Session) -> dict:
     return _fit_offline(s, family)
 
 
+def train_unpaired(s: Session) -> dict:
+    """KTO: its reference runs on every batch (its mismatched KL pairs follow the shuffle; training/kto.py)"""
+    family = KTOFamily(
+        s.cfg, s.prep.examples, s.prep.tokenizer.pad_token_id, lambda v: sum_over_processes(s.accelerator, v)
+    )
+
+    def load_copy():  # resuming full fine-tuning: the policy is no longer the starting model
+        return load_model(s.prep.model_path, trust_remote_code=s.cfg.model.trust_remote_code)
+
+    family.reference = build_reference(
+        s.model, during_training=True, load_copy=load_copy if s.resume_from is not None else None
+    )
+    if s.cfg.training.precompute_ref:
+        s.log(
+            f"{s.cfg.method}: the reference runs on every batch (its mismatched KL pairs change with the "
+            "shuffle); training.precompute_ref does not apply"
+        )
+    return _fit_offline(s, family)
+
+
 def train_reward_model(s: Session) -> dict:
     tok = s.prep.tokenizer
     return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
@@ -104,9 +135,11 @@ def train_reward_model(s: Session) -> dict:
 # method -> its trainer: the family it batches with and the loop it runs
 TRAINERS: dict[str, Callable[[Session], dict]] = {
     **dict.fromkeys(PAIR_METHODS, train_pairs),
+    **dict.fromkeys(UNPAIRED_METHODS, train_unpaired),
     "reward_model": train_reward_model,
     "grpo": train_grpo,
     "ppo": train_ppo,
+    "online_dpo": train_online_dpo,
 }
 
 
@@ -189,7 +222,7 @@ def train(
 
         set_seed(cfg.training.seed)
         if cfg.training.report_to:
-            accelerator.init_trackers(run_dir.name, config=json.loads(json.dumps(cfg.to_dict(), default=str)))
+            accelerator.init_trackers(run_dir.name, config=tracker_config(cfg.to_dict()))
         model = _build_model(cfg, prep, resume_from).to(accelerator.device)
         session = Session(
             cfg, prep, accelerator, run_dir, model, resume_from, log, signals, on_step_end, ref_logps_file
