@@ -65,8 +65,8 @@ def run_preftune(steps: int, beta: float, out: Path) -> dict:
             "progress": False,
         },
         "grpo": {
-            "group_size": s["group_size"],
-            "prompts_per_step": s["prompts_per_step"],
+            "completions_per_prompt": s["group_size"],
+            "prompts_per_batch": s["prompts_per_step"],
             "beta": beta,
             "epsilon_low": s["epsilon"],
             "epsilon_high": s["epsilon"],

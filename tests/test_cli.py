@@ -45,7 +45,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "validate", "show-config", "experiment", "generate"):
+    for command in ("train", "validate", "show-config", "experiment", "generate", "export"):
         assert command in out
     assert set(build_parser()._subparsers._group_actions[0].choices) == {
         "train",
@@ -53,6 +53,7 @@ def test_help_lists_the_commands(capsys):
         "show-config",
         "experiment",
         "generate",
+        "export",
     }
 
 

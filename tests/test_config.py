@@ -141,7 +141,10 @@ def test_bad_method_name():
     [
         ({"dpo": {"beta": 0.0}}, "dpo.beta must be > 0"),
         ({"dpo": {"label_smoothing": 0.5}}, r"dpo.label_smoothing must be in \[0, 0.5\)"),
-        ({"method": "odpo", "odpo": {"offset": "sqrt"}}, "odpo.offset must be log, identity or log_ratio"),
+        (
+            {"method": "odpo", "odpo": {"offset": "sqrt"}},
+            "odpo.offset must be one of log, identity, log_ratio",
+        ),
         ({"method": "odpo", "odpo": {"alpha": -1.0}}, "odpo.alpha must be >= 0"),
         ({"method": "rpo", "rpo": {"alpha": -0.5}}, "rpo.alpha must be >= 0"),
         ({"training": {"batch_size": 0}}, "training.batch_size must be >= 1"),

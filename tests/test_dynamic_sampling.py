@@ -96,7 +96,7 @@ def test_groups_without_spread_are_replaced(tmp_path, tiny_model_dir, prompts, r
     """A third of the prompts give a flat reward: with dynamic sampling every trained group has spread, and
     the counts say how many groups were sampled to get there."""
     G, P = 4, 4
-    section = {"group_size": G, "prompts_per_step": P, "rewards": ["dyn_rewards:flat_when_bad"]}
+    section = {"completions_per_prompt": G, "prompts_per_batch": P, "rewards": ["dyn_rewards:flat_when_bad"]}
     plain = train(config(tiny_model_dir, prompts, tmp_path / "plain", grpo=section), log=quiet)
     assert any(r["frac_reward_zero_std"] > 0 for r in rows(plain))  # the data has flat groups
     dyn = {**section, "dynamic_sampling": True, "dynamic_sampling_max_rounds": 6}
@@ -113,7 +113,7 @@ def test_groups_without_spread_are_replaced(tmp_path, tiny_model_dir, prompts, r
 def test_at_the_cap_the_batch_is_filled_with_the_dropped_groups(
     tmp_path, tiny_model_dir, prompts, reward_module
 ):
-    section = {"group_size": 4, "prompts_per_step": 2, "rewards": ["dyn_rewards:flat"]}
+    section = {"completions_per_prompt": 4, "prompts_per_batch": 2, "rewards": ["dyn_rewards:flat"]}
     dyn = {**section, "dynamic_sampling": True, "dynamic_sampling_max_rounds": 2}
     run = train(config(tiny_model_dir, prompts, tmp_path / "dyn", grpo=dyn), log=quiet)
     for r in rows(run):
@@ -124,7 +124,7 @@ def test_at_the_cap_the_batch_is_filled_with_the_dropped_groups(
 
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts, reward_module, iterations):
-    dyn = {"group_size": 4, "prompts_per_step": 4, "iterations": iterations, "dynamic_sampling": True,
+    dyn = {"completions_per_prompt": 4, "prompts_per_batch": 4, "updates_per_batch": iterations, "dynamic_sampling": True,
            "rewards": ["dyn_rewards:flat_when_bad"]}  # fmt: skip
     sections = {"grpo": dyn, "training": {"max_steps": 4, "save_every": 1}}
     whole = train(config(tiny_model_dir, prompts, tmp_path / "whole", **sections), log=quiet)
@@ -160,7 +160,7 @@ def test_two_processes_take_the_same_rounds(tmp_path, tiny_model_dir):
         "generation": {"max_new_tokens": 4, "batch_size": 16},
         "training": {"output_dir": str(tmp_path / "two"), "max_steps": 2, "batch_size": 4,
                      "learning_rate": 1e-2, "progress": False},
-        "grpo": {"group_size": 4, "prompts_per_step": 4, "dynamic_sampling": True,
+        "grpo": {"completions_per_prompt": 4, "prompts_per_batch": 4, "dynamic_sampling": True,
                  "dynamic_sampling_max_rounds": 2, "rewards": [{"name": "regex", "pattern": "e"}]},
     }  # fmt: skip
     cfg = tmp_path / "two.yaml"

@@ -9,7 +9,9 @@ import torch
 
 from preftune.config import ConfigError
 from preftune.experiments.config import experiment_config_from_dict, load_experiment_config
+from preftune.experiments.pairs import label_by_median
 from preftune.experiments.pipeline import run_experiment
+from preftune.files import read_jsonl
 
 
 def _cfg(tmp_path, model_dir, **extra):
@@ -74,7 +76,7 @@ def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
     # a changed training input reruns that training stage and its evaluation only
     logs.clear()
     changed = _cfg(tmp_path, tiny_model_dir, methods=[{"method": "dpo", "betas": [0.1]}])
-    changed.train.learning_rate = 2e-3
+    changed.train["learning_rate"] = 2e-3
     run_experiment(changed, log=logs.append)
     ran = [line for line in logs if line.startswith("[run]")]
     assert ran == ["[run] dpo-beta0.1", "[run] dpo-beta0.1"]  # train stage, then its eval stage
@@ -91,6 +93,38 @@ def test_experiment_config_errors():
         experiment_config_from_dict({"eval": {"temperature": 0.7}})
     with pytest.raises(ConfigError, match="k must be >= 2"):
         experiment_config_from_dict({"sample": {"k": 1}})
+
+
+def test_train_section_is_a_partial_train_config():
+    """`train` holds keys of `preftune train`'s sections, checked there; a key not given is TrainConfig's."""
+    from preftune.config import DataConfig, TrainingConfig
+    from preftune.experiments.config import plan_runs, train_config, train_sections
+
+    assert train_sections({"batch_size": 8, "max_length": 64, "lora": {"enabled": True}}) == {
+        "training": {"batch_size": 8},
+        "data": {"max_length": 64},
+        "model": {"lora": {"enabled": True}},
+    }
+    train = {"epochs": 2, "max_length": 300}
+    cfg = experiment_config_from_dict({"methods": [{"method": "dpo", "betas": [0.1]}], "train": train})
+    (run,) = plan_runs(cfg)
+    tcfg = train_config(cfg, run.run, run.beta, output_dir="x")
+    assert tcfg.training.epochs == 2 and tcfg.training.batch_size == TrainingConfig().batch_size
+    assert tcfg.training.learning_rate == TrainingConfig().learning_rate
+    assert tcfg.data.max_length == 300 and tcfg.data.max_prompt_length == DataConfig().max_prompt_length
+    assert tcfg.model.dtype == "float32" and not tcfg.model.lora.enabled
+    lora = experiment_config_from_dict({"dtype": "bfloat16", "train": {"lora": {"enabled": True, "r": 4}}})
+    (run,) = plan_runs(lora)
+    tcfg = train_config(lora, run.run, run.beta, output_dir="x")
+    assert tcfg.model.lora.enabled and tcfg.model.lora.r == 4 and tcfg.model.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) 'learning_rat'"):
+        experiment_config_from_dict({"train": {"learning_rat": 1e-5}})
+    with pytest.raises(ConfigError, match="seed set by the experiment"):
+        experiment_config_from_dict({"train": {"seed": 1}})
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        experiment_config_from_dict({"train": {"batch_size": "eight"}})
+    with pytest.raises(ConfigError, match="unknown key.*.rr.* in section .experiment config: train.lora"):
+        experiment_config_from_dict({"train": {"lora": {"rr": 4}}})
 
 
 def test_presets_load():
@@ -185,17 +219,25 @@ def test_reward_model_is_not_an_experiment_method():
 
 
 def test_shared_reference_is_computed_like_the_training_runs_under_bf16(tmp_path, tiny_model_dir):
-    """The reference stage uses the training runs' weights and autocast, so DPO's first loss is ln 2."""
+    """The runs on one set of pairs share their reference log-probs through train()'s cache in the
+    experiment's folder: the first run computes them (with the training runs' weights and autocast), the
+    second loads them, and each run's first DPO loss is ln 2 under bf16."""
     import math
 
-    methods = [{"method": "dpo", "betas": [0.1]}]
+    methods = [{"method": "dpo", "betas": [0.1, 0.5]}]
     cfg = _cfg(tmp_path, tiny_model_dir, methods=methods)
-    cfg.train.mixed_precision = "bf16"
-    run_experiment(cfg, log=lambda *_: None)
-    rows = (tmp_path / "exp" / "train" / "dpo-beta0.1" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(rows[0])["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    stage = json.loads((tmp_path / "exp" / "reference" / "stage.json").read_text())
-    assert stage["inputs"]["mixed_precision"] == "bf16" and stage["inputs"]["dtype"] == "float32"
+    cfg.train["mixed_precision"] = "bf16"
+    logs: list[str] = []
+    run_experiment(cfg, log=logs.append)
+    root = tmp_path / "exp"
+    for name in ("dpo-beta0.1", "dpo-beta0.5"):
+        rows = (root / "train" / name / "run" / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[0])["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    (cached,) = (root / "cache" / "ref_logps").glob("*.safetensors")
+    computed = [line for line in logs if line.startswith("reference log-probs for")]
+    loaded = [line for line in logs if line.startswith("reference log-probs from the cache")]
+    assert len(computed) == 1 and str(cached) in computed[0] and len(loaded) == 1 and str(cached) in loaded[0]
+    assert not (root / "reference").exists()  # no stage of its own any more
 
 
 def test_ppo_against_a_reward_model_learned_from_the_pairs(tmp_path, tiny_model_dir):
@@ -233,3 +275,61 @@ def test_ppo_against_a_reward_model_learned_from_the_pairs(tmp_path, tiny_model_
     with pytest.raises(ConfigError, match="learning_rat"):  # the reward model's overrides, checked up front
         _cfg(tmp_path, tiny_model_dir, methods=[{"method": "ppo", "reward": "learned"}],
              reward_model={"learning_rat": 1e-5})  # fmt: skip
+
+
+def test_kto_orpo_and_online_dpo_in_the_experiment(tmp_path, tiny_model_dir, monkeypatch):
+    """The issue-14 methods as experiment entries: KTO on the samples labelled by each prompt's median reward
+    (and on the pairs), ORPO on the pairs, online DPO on the prompts; each has its result row and its
+    above-base claim, and online DPO is compared with offline DPO at equal KL."""
+    module = tmp_path / "lib" / "length_reward.py"  # graded rewards: a random tiny model's VADER is ~flat
+    module.parent.mkdir()
+    module.write_text("def score(prompts, responses):\n    return [1.0 + len(r) % 7 for r in responses]\n")
+    monkeypatch.syspath_prepend(str(module.parent))
+    methods = [
+        {"method": "dpo", "betas": [0.1]},
+        {"method": "kto", "betas": [0.1]},
+        {"method": "kto", "betas": [0.1], "kto_data": "pairs"},
+        {"method": "orpo", "betas": [0.1]},
+        {"method": "online_dpo", "betas": [0.1], "prompts_per_batch": 2, "training": {"max_steps": 2}},
+    ]
+    cfg = _cfg(tmp_path, tiny_model_dir, methods=methods, reward="length_reward:score")
+    rows = run_experiment(cfg, log=lambda *_: None)
+    root = tmp_path / "exp"
+    assert [r["run"] for r in rows] == [
+        "base",
+        "dpo-beta0.1",
+        "kto-beta0.1",
+        "kto-datapairs-beta0.1",
+        "orpo-beta0.1",
+        "online_dpo-prompts_per_batch2-beta0.1",
+    ]
+    # KTO's records: each sample above its prompt's median reward desirable, below undesirable
+    samples = read_jsonl(root / "samples" / "samples.jsonl")
+    records = read_jsonl(root / "unpaired" / "unpaired.jsonl")
+    expected, _ = label_by_median(samples)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in records] == [
+        (r["prompt"], r["completion"], r["label"]) for r in expected if r["completion"].strip()
+    ]
+    ids = {
+        (rec["prompt"], t): tuple(i) for rec in samples for t, i in zip(rec["responses"], rec["response_ids"])
+    }
+    assert all(tuple(r["completion_ids"]) == ids[(r["prompt"], r["completion"])] for r in records)
+    trained = json.loads((root / "train" / "kto-beta0.1" / "run" / "data_summary.json").read_text())
+    assert trained["train_records"] == len(records)
+    assert trained["train_desirable"] == sum(r["label"] for r in records)
+    first = json.loads((root / "train" / "kto-beta0.1" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: λ/2 per record
+    n_pairs = len(read_jsonl(root / "pairs" / "pairs.jsonl"))  # kto_data: pairs -> 2 records per pair
+    paired = json.loads((root / "train" / "kto-datapairs-beta0.1" / "run" / "data_summary.json").read_text())
+    assert paired["train_records"] == 2 * n_pairs
+    claims = json.loads((root / "claims.json").read_text())
+    above = {c["scope"] for c in claims if c["claim"] == "c"}
+    assert {"kto β=0.1", "orpo β=0.1", "online_dpo β=0.1", "dpo β=0.1"} <= above
+    (f,) = [c for c in claims if c["claim"] == "f"]
+    assert f["statement"] == "online DPO ≥ offline DPO at equal KL" and f["unit"] == "prompt"
+    with pytest.raises(ConfigError, match="kto_data is for kto entries only"):
+        _cfg(tmp_path, tiny_model_dir, methods=[{"method": "dpo", "kto_data": "pairs"}])
+    with pytest.raises(ConfigError, match="kto_data must be one of samples, pairs"):
+        _cfg(tmp_path, tiny_model_dir, methods=[{"method": "kto", "kto_data": "median"}])
+    with pytest.raises(ConfigError, match="applies to kto with `kto_data: pairs` only"):
+        _cfg(tmp_path, tiny_model_dir, methods=[{"method": "kto", "pairs": {"mode": "all"}}])

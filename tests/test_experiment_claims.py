@@ -19,6 +19,7 @@ from preftune.experiments.claims import (
     claim_dpo_vs_ppo,
     claim_kl_grows,
     claim_odpo_vs_dpo,
+    claim_online_vs_offline_dpo,
     claim_simpo_agreement,
     claims_markdown,
     compare_at_equal_kl,
@@ -231,6 +232,35 @@ def test_equal_kl_frontiers_apart_are_never_separable():
 
 
 # ---- the claims ------------------------------------------------------------------------------------------
+
+
+def test_claim_f_online_dpo_vs_offline_dpo_on_the_default_pairs_only():
+    # online DPO at KL 2 in each seed inside offline DPO's 1 -> 3 frontier on the default pairs: DPO's reward
+    # at KL 2 is the midpoint, 1.40, 1.45, 1.35; online 1.50, 1.52, 1.46 -> gaps 0.10, 0.07, 0.11:
+    # d 0.09333, sd 0.02082, se 0.01202, 0.0933 > 4.303 · 0.01202 = 0.0517: held. DPO on a pairs variant
+    # (all-n48) far above is not the offline DPO it is compared with.
+    by_seed = [
+        *base_seeds(),
+        *seeds("dpo", 0.5, [1.20, 1.25, 1.15], [1.0] * 3),
+        *seeds("dpo", 0.1, [1.60, 1.65, 1.55], [3.0] * 3),
+        *seeds("dpo", 0.1, [3.0] * 3, [2.0] * 3, pairs="all-n48"),
+        *seeds("online_dpo", 0.1, [1.50, 1.52, 1.46], [2.0] * 3),
+    ]
+    (f,) = claim_online_vs_offline_dpo(aggregate_seeds(by_seed), _units(by_seed))
+    assert (f["claim"], f["statement"], f["scope"]) == (
+        "f",
+        "online DPO ≥ offline DPO at equal KL",
+        "default pairs",
+    )
+    assert f["basis"] == "overlap" and [v for _, v in f["per_unit"]] == pytest.approx([0.10, 0.07, 0.11])
+    assert f["difference"] == pytest.approx(0.28 / 3) and f["verdict"] == HELD
+    assert [c["claim"] for c in decide(by_seed)][-1] == "f"  # after (a)-(e)
+    # each row above the base, online DPO's included: (c) has a line per model
+    assert "online_dpo β=0.1" in [c["scope"] for c in decide(by_seed) if c["claim"] == "c"]
+    without = [r for r in by_seed if r["method"] != "online_dpo"]
+    assert claim_online_vs_offline_dpo(aggregate_seeds(without), _units(without)) == []
+    no_offline = [r for r in by_seed if r["method"] != "dpo"]
+    assert claim_online_vs_offline_dpo(aggregate_seeds(no_offline), _units(no_offline)) == []
 
 
 def test_claim_b_per_pairs_setting_and_with_fewer_pairs():

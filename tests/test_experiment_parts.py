@@ -14,7 +14,7 @@ import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 from preftune import metrics, rewards
-from preftune.experiments.pairs import build_pairs
+from preftune.experiments.pairs import build_pairs, label_by_median
 from preftune.experiments.prompts import load_prompts
 from preftune.experiments.report import (
     format_table,
@@ -223,6 +223,34 @@ def test_build_pairs_best_vs_worst():
         build_pairs(RECORDS, "random")
     with pytest.raises(ValueError, match="record 0"):
         build_pairs([{"prompt": "x", "responses": ["a"], "scores": [1.0, 2.0]}])
+
+
+def test_kto_records_labelled_by_each_prompts_median_reward():
+    records = [
+        {"prompt": "p0", "responses": ["a", "b", "c", "d"], "scores": [1.0, 2.0, 3.0, 4.0]},  # median 2.5
+        {"prompt": "p1", "responses": ["e", "f", "g"], "scores": [3.0, 1.0, 2.0]},  # median 2: g left out
+        {"prompt": "p2", "responses": ["h", "h", "i"], "scores": [5.0, 5.0, 0.0]},  # h once: median 2.5
+        {"prompt": "p3", "responses": ["j", "k"], "scores": [1.0, 1.0]},  # a tie: nothing
+    ]
+    rows, stats = label_by_median(records)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("p0", "a", False),
+        ("p0", "b", False),
+        ("p0", "c", True),
+        ("p0", "d", True),
+        ("p1", "e", True),
+        ("p1", "f", False),
+        ("p2", "h", True),
+        ("p2", "i", False),
+    ]
+    assert [r["median"] for r in rows] == [2.5] * 4 + [2.0] * 2 + [2.5] * 2
+    assert stats == {
+        "prompts": 4,
+        "desirable": 4,
+        "undesirable": 4,
+        "at_median_dropped": 3,  # g, j, k
+        "duplicates_dropped": 1,
+    }
 
 
 def test_write_jsonl_atomic_roundtrip(tmp_path):

@@ -11,10 +11,9 @@ import yaml
 from test_experiment import _cfg
 
 from preftune import metrics
-from preftune.config import ONLINE_METHODS, ConfigError
+from preftune.config import ConfigError
 from preftune.experiments.config import (
     PairsConfig,
-    _preset_path,
     experiment_config_from_dict,
     load_experiment_config,
     pairs_suffix,
@@ -35,7 +34,7 @@ def test_seeds_default_to_the_single_seed():
     cfg = experiment_config_from_dict({"seed": 3, "methods": [{"method": "dpo", "betas": [0.1]}]})
     (run,) = plan_runs(cfg)
     assert cfg.seeds is None and run.seed == 3 and run.name == run.label == "dpo-beta0.1"
-    assert (run.pairs_stage, run.reference_stage, run.pairs_variant) == ("pairs", "reference", None)
+    assert (run.pairs_stage, run.data_file, run.pairs_variant) == ("pairs", "pairs/pairs.jsonl", None)
     assert train_config(cfg, run.run, run.beta, output_dir="x").training.seed == 3  # as before seeds existed
     one = experiment_config_from_dict({"seeds": [5], "methods": [{"method": "dpo", "betas": [0.1]}]})
     assert [(r.name, r.seed) for r in plan_runs(one)] == [("dpo-beta0.1", 5)]  # one seed: no suffix
@@ -80,7 +79,7 @@ def test_per_method_pairs_override_the_experiment_pairs():
         "grpo-beta0.1",
     ]
     assert [r.pairs_stage for r in runs] == ["pairs", "pairs-all", "pairs-all-n48", "pairs-n64", None]
-    assert runs[2].pairs == PairsConfig("all", 48) and runs[2].reference_stage == "reference-all-n48"
+    assert runs[2].pairs == PairsConfig("all", 48) and runs[2].data_file == "pairs-all-n48/pairs.jsonl"
     assert runs[3].pairs == PairsConfig("best_vs_worst", 64)  # keys not given come from the experiment
     assert run_pairs(cfg, cfg.methods[4]) is None  # online: no pairs
     default = PairsConfig("all", 48)
@@ -107,17 +106,15 @@ def test_bad_pairs_settings_are_refused(entry, message):
 
 
 def test_paper_preset_loads():
-    """The paper preset: 3 seeds, 10 runs each, three pairs stages. PPO joins when it exists."""
-    raw = yaml.safe_load(_preset_path("paper").read_text())
-    if "ppo" not in ONLINE_METHODS:  # until the PPO method lands, check the rest of the preset
-        raw["methods"] = [m for m in raw["methods"] if m["method"] != "ppo"]
-    cfg = experiment_config_from_dict(raw, source="paper")
-    if "ppo" in ONLINE_METHODS:
-        assert load_experiment_config("paper").methods == cfg.methods
+    """The paper preset: 3 seeds, 15 runs each, three pairs stages and KTO's records; every method with a
+    claim, the issue-14 methods included."""
+    cfg = load_experiment_config("paper")
     runs = plan_runs(cfg)
-    assert cfg.seeds == [0, 1, 2] and len(runs) == 3 * sum(len(m.betas) for m in cfg.methods)
+    assert cfg.seeds == [0, 1, 2] and len(runs) == 3 * 15 == 3 * sum(len(m.betas) for m in cfg.methods)
     assert {r.pairs_stage for r in runs} == {"pairs", "pairs-all", "pairs-all-n48", None}
-    assert {r.run.method for r in runs} >= {"dpo", "odpo", "ipo", "simpo", "grpo"}
+    assert {r.data_stage for r in runs} == {"pairs", "pairs-all", "pairs-all-n48", "unpaired", "prompts"}
+    methods = {"dpo", "odpo", "ipo", "simpo", "orpo", "kto", "grpo", "ppo", "online_dpo"}
+    assert {r.run.method for r in runs} == methods
 
 
 # ---- pairs subsets ---------------------------------------------------------------------------------------
@@ -218,9 +215,15 @@ def test_two_seed_experiment_with_a_pairs_variant(tmp_path, tiny_model_dir):
             assert yaml.safe_load(config)["training"]["seed"] == seed
     base_samples = [(root / "eval" / f"base-seed{s}" / "samples.jsonl").read_text() for s in (0, 1)]
     assert base_samples[0] != base_samples[1]  # seeds differ in the evaluation's samples too
-    # the data is shared: one samples stage; the capped pairs are their own stage and reference
+    # the data is shared: one samples stage; the capped pairs are their own stage, with their own reference
+    # log-probs in the experiment's cache: computed by the first run on each set of pairs, loaded by the rest
     assert sum(1 for line in open(root / "pairs-n3" / "pairs.jsonl")) == 3
-    assert (root / "reference-n3" / "ref_logps.safetensors").is_file()
+    assert len(list((root / "cache" / "ref_logps").glob("*.safetensors"))) == 2
+    computed = [line for line in logs if line.startswith("reference log-probs for")]
+    loaded = [line for line in logs if line.startswith("reference log-probs from the cache")]
+    assert (
+        len(computed) == 2 and len(loaded) == 4 and all(str(root / "cache") in x for x in computed + loaded)
+    )
     assert [(r["method"], r.get("pairs"), r["n_seeds"]) for r in results] == [
         ("base", None, 2),
         ("dpo", None, 2),

@@ -10,7 +10,9 @@ from test_experiment import _cfg
 
 from preftune.config import ConfigError
 from preftune.experiments.config import experiment_config_from_dict, load_experiment_config, plan_runs
-from preftune.experiments.pipeline import Experiment, run_experiment
+from preftune.experiments.context import Context
+from preftune.experiments.data_stages import prompts_stage
+from preftune.experiments.pipeline import run_experiment
 from preftune.experiments.prompts import load_prompts, split_validation
 from preftune.experiments.stages import fingerprint
 from preftune.experiments.tuning import choose, mark_chosen
@@ -41,8 +43,7 @@ def test_validation_split_is_seeded_disjoint_and_keeps_order():
 
 def test_prompts_stage_sets_validation_aside_and_keeps_fraction_zero_as_it_was(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path / "a", tiny_model_dir, prompts={"n_train": 8, "n_heldout": 3})
-    exp = Experiment(cfg, log=lambda *_: None)
-    exp.prompts()
+    prompts_stage(Context(cfg, log=lambda *_: None))
     root = tmp_path / "a" / "exp" / "prompts"
     stage = json.loads((root / "stage.json").read_text())
     # fraction 0: the inputs (so the fingerprint) of the stage before validation existed, no validation file
@@ -53,7 +54,7 @@ def test_prompts_stage_sets_validation_aside_and_keeps_fraction_zero_as_it_was(t
     assert (root / "train.txt").read_text().splitlines() == first8
 
     prompts = {"n_train": 8, "n_heldout": 3, "validation_fraction": 0.5}
-    Experiment(_cfg(tmp_path / "b", tiny_model_dir, prompts=prompts), log=lambda *_: None).prompts()
+    prompts_stage(Context(_cfg(tmp_path / "b", tiny_model_dir, prompts=prompts), log=lambda *_: None))
     root = tmp_path / "b" / "exp" / "prompts"
     train, val, held = (_lines(root / f"{s}.txt") for s in ("train", "validation", "heldout"))
     assert len(train) == len(val) == 4 and sorted(train + val) == sorted(first8)

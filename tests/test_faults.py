@@ -84,7 +84,7 @@ def test_resume_with_lora_dropout_equals_uninterrupted(tmp_path, tiny_model_dir,
             method="grpo",
             data={"train": str(prompts), "max_length": 48, "max_prompt_length": 24},
             generation={"max_new_tokens": 6},
-            grpo={"group_size": 4, "prompts_per_step": 2, "rewards": ["fault_rewards:by_ids"]},
+            grpo={"completions_per_prompt": 4, "prompts_per_batch": 2, "rewards": ["fault_rewards:by_ids"]},
         )
 
     def cfg(out, dropout=lora["dropout"]):

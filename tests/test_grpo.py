@@ -77,7 +77,7 @@ def config(model_dir, prompts, out, **sections):
             "learning_rate": 1e-2,
             "progress": False,
         },
-        "grpo": {"group_size": 4, "prompts_per_step": 2, "rewards": ["grpo_rewards:by_ids"]},
+        "grpo": {"completions_per_prompt": 4, "prompts_per_batch": 2, "rewards": ["grpo_rewards:by_ids"]},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
@@ -133,7 +133,7 @@ def test_each_policy_loss_trains(tmp_path, tiny_model_dir, prompts, reward_modul
     spec = POLICY_LOSSES[policy_loss]
     sections = {
         "training": {"max_steps": 2},
-        "grpo": {"policy_loss": policy_loss, "iterations": 2, "beta": 0.1},
+        "grpo": {"policy_loss": policy_loss, "updates_per_batch": 2, "beta": 0.1},
     }
     run = train(config(tiny_model_dir, prompts, tmp_path / "run", **sections), log=quiet)
     train_rows = rows(run)
@@ -164,19 +164,19 @@ def test_reference_stays_frozen_and_kl_is_logged(tmp_path, tiny_model_dir, promp
     import preftune.training.online as online
 
     frozen = {}
-    real = online._reference
+    real = online.setup_reference
 
-    def keep(s):
-        ref = real(s)
+    def keep(*args, **kwargs):
+        ref = real(*args, **kwargs)
         frozen["ref"] = ref
         frozen["start"] = {k: v.clone() for k, v in ref.frozen.state_dict().items()}
         return ref
 
-    online._reference = keep
+    online.setup_reference = keep
     try:
         run = train(config(tiny_model_dir, prompts, tmp_path / "run", grpo={"beta": 0.1}), log=quiet)
     finally:
-        online._reference = real
+        online.setup_reference = real
     after = frozen["ref"].frozen.state_dict()
     assert all(torch.equal(after[k], frozen["start"][k]) for k in after)
     assert all("kl" in r and r["kl"] >= 0 for r in rows(run))  # k3 is never negative
@@ -193,7 +193,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_model_dir, 
 
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prompts, reward_module, iterations):
-    sections = {"training": {"max_steps": 4, "save_every": 1}, "grpo": {"iterations": iterations}}
+    sections = {"training": {"max_steps": 4, "save_every": 1}, "grpo": {"updates_per_batch": iterations}}
     plain = train(config(tiny_model_dir, prompts, tmp_path / "a", **sections), log=quiet)
     cfg = config(tiny_model_dir, prompts, tmp_path / "b", **sections)
 
@@ -243,8 +243,8 @@ def test_completions_without_reward_are_left_out(tmp_path, tiny_model_dir, promp
 
 
 def test_config_errors(tmp_path, tiny_model_dir, prompts):
-    with pytest.raises(ConfigError, match="group_size must be >= 2"):
-        config(tiny_model_dir, prompts, tmp_path / "r", grpo={"group_size": 1})
+    with pytest.raises(ConfigError, match="completions_per_prompt must be >= 2"):
+        config(tiny_model_dir, prompts, tmp_path / "r", grpo={"completions_per_prompt": 1})
     with pytest.raises(ConfigError, match="grad_accum is not used by online methods"):
         config(tiny_model_dir, prompts, tmp_path / "r", training={"grad_accum": 2})
     with pytest.raises(ConfigError, match="max_prompt_length .* \\+ generation.max_new_tokens"):
@@ -270,7 +270,7 @@ def test_config_errors(tmp_path, tiny_model_dir, prompts):
 def test_shared_prefix_training_equals_the_plain_path(tmp_path, tiny_model_dir, prompts, reward_module):
     runs = {
         share: train(config(tiny_model_dir, prompts, tmp_path / f"s{share}", training={"share_prefix": share},
-                            grpo={"beta": 0.1, "iterations": 2}), log=quiet)
+                            grpo={"beta": 0.1, "updates_per_batch": 2}), log=quiet)
         for share in (True, False)
     }  # fmt: skip
     a, b = (load_file(runs[s] / "model" / "model.safetensors") for s in (True, False))

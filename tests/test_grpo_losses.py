@@ -61,10 +61,10 @@ def test_leave_one_out_is_rloo_by_default():
     def grpo(**section):
         return train_config_from_dict({"method": "grpo", "data": {"train": "p.jsonl"}, "grpo": section}).grpo
 
-    g = grpo(baseline="leave_one_out", group_size=4)
+    g = grpo(baseline="leave_one_out", completions_per_prompt=4)
     assert g.scale == "none"
     rewards = torch.tensor([0.3, 1.7, 0.2, 0.9, 5.0, -1.0, 2.5, 0.0], dtype=torch.float64)
-    adv = group_advantages(rewards, g.group_size, scale=g.scale, baseline=g.baseline)
+    adv = group_advantages(rewards, g.completions_per_prompt, scale=g.scale, baseline=g.baseline)
     r = rewards.tolist()
     rloo = [r[i] - sum(r[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i) / 3 for i in range(8)]
     torch.testing.assert_close(adv, torch.tensor(rloo, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -1,12 +1,16 @@
 """Several processes (torch.distributed, gloo on CPU) take the same steps as one process with the same global
 batch (the same weights and the same gradient norm at every step), also when the last micro-batch splits
 unevenly over the ranks, with LoRA and an on-the-fly reference, and for the online methods when the prompts do
-not fill the last batch of an epoch (it is dropped); the wrappers are seen through in one place."""
+not fill the last batch of an epoch (it is dropped); the wrappers are seen through in one place. Two "nodes"
+(two torchrun agents meeting at a c10d rendezvous on localhost) take the same steps as one node with two
+processes, and a run directory moved elsewhere resumes where it now is."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -50,20 +54,28 @@ def _config(tmp_path, model_dir, data, name, batch_size, accum, extra):
     return path
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one(tmp_path, tiny_model_dir, case):
-    c = CASES[case]
+def _pairs(tmp_path, n):
     rows = [
         {
             "prompt": f"The movie {i} was",
             "chosen": " great and wonderful.",
             "rejected": " terrible and boring.",
         }
-        for i in range(c["n"])
+        for i in range(n)
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return data
+
+
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, case):
+    c = CASES[case]
+    data = _pairs(tmp_path, c["n"])
+    env = {**os.environ, **CPU_ENV}
     two = _config(tmp_path, tiny_model_dir, data, "two", c["per_rank"], c["accum"], c["extra"])
     one = _config(tmp_path, tiny_model_dir, data, "one", 2 * c["per_rank"], c["accum"], c["extra"])
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "preftune.cli"]
@@ -87,6 +99,99 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, case):
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5), r2["step"]
     summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())
     assert summary["processes"] == 2 and summary["pairs_per_step"] == 2 * c["per_rank"] * c["accum"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_equal_one_node(tmp_path, tiny_model_dir):
+    """The README's multi-node launch, as two "nodes" on localhost: two torchrun agents of one process each
+    (``--nnodes 2 --node-rank i``) meet at a c10d rendezvous and train the same steps as one agent with
+    ``--nproc_per_node 2`` (7 pairs, accumulation 2: the uneven tail too)."""
+    c = CASES["uneven"]
+    data = _pairs(tmp_path, c["n"])
+    env = {**os.environ, **CPU_ENV}
+    nodes = _config(tmp_path, tiny_model_dir, data, "nodes", c["per_rank"], c["accum"], {})
+    one = _config(tmp_path, tiny_model_dir, data, "one_node", c["per_rank"], c["accum"], {})
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "preftune"]
+    train = ["-m", "preftune.cli", "train", str(nodes)]
+    agents = [
+        subprocess.Popen(
+            [*run, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank), *rdzv, *train],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()  # only if still running after a timeout
+    for agent, out in zip(agents, outputs):
+        assert agent.returncode == 0, out[-3000:]
+    done = subprocess.run(
+        [*run, "--nproc_per_node", "2", "-m", "preftune.cli", "train", str(one)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "nodes" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one_node" / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4  # the steps did something
+    summary = json.loads((tmp_path / "nodes" / "data_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["pairs_per_step"] == 2 * c["per_rank"] * c["accum"]
+    rows = [
+        [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("nodes", "one_node")
+    ]
+    for r2, r1 in zip(*rows, strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-6)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-6)
+
+
+def test_a_moved_run_directory_resumes_where_it_now_is(tmp_path, tiny_model_dir):
+    """Interrupted after step 2 (checkpoint at step 2), moved to another folder, resumed there from the command
+    line with the new ``training.output_dir`` and no ``--allow-change``: the same weights and metrics as an
+    uninterrupted 4-step run, and the run's config.yaml names its new place."""
+    from preftune.cli import main
+    from preftune.config import load_train_config
+    from preftune.training import train
+
+    data = _pairs(tmp_path, 8)
+    steps = {"max_steps": 4, "save_every": 2}
+    whole = train(load_train_config(_config(tmp_path, tiny_model_dir, data, "whole", 2, 1, {}),
+                                    [f"training.{k}={v}" for k, v in steps.items()]), log=lambda *a: None)  # fmt: skip
+    path = _config(tmp_path, tiny_model_dir, data, "moved", 2, 1, {})
+    cfg = load_train_config(path, [f"training.{k}={v}" for k, v in steps.items()])
+
+    def interrupt(step, row):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step_end=interrupt, log=lambda *a: None)
+    assert (tmp_path / "moved" / "checkpoints" / "step-0000002").is_dir()
+    new_place = tmp_path / "bigger_disk" / "run"
+    new_place.parent.mkdir()
+    shutil.move(tmp_path / "moved", new_place)
+    args = ["train", str(path), "--resume", f"training.output_dir={new_place}"]
+    assert main([*args, *(f"training.{k}={v}" for k, v in steps.items())]) == 0
+    assert not (tmp_path / "moved").exists()  # nothing was written at the old place
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(new_place / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (new_place / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    saved = yaml.safe_load((new_place / "config.yaml").read_text())
+    assert saved["training"]["output_dir"] == str(new_place)
 
 
 def test_step_plan_divides_by_the_global_count():
@@ -137,7 +242,7 @@ def test_wrappers_are_seen_through_and_the_fast_path_runs_under_ddp(tiny_tokeniz
 
 
 ONLINE = {
-    "grpo": {"group_size": 4, "prompts_per_step": 4, "beta": 0.05},
+    "grpo": {"completions_per_prompt": 4, "prompts_per_batch": 4, "beta": 0.05},
     # one minibatch per epoch: the global minibatch is then the same set of prompts for 1 and 2 processes
     "ppo": {"prompts_per_batch": 4, "epochs": 2, "minibatches": 1, "beta": 0.05, "adaptive_kl": True},
 }
@@ -254,8 +359,10 @@ def test_a_batch_larger_than_the_prompts_is_refused_before_training(tmp_path, ti
     from preftune.config import ConfigError
     from preftune.training import validate
 
-    cfg = _online_config(tmp_path, tiny_model_dir, 3, "grpo", {"group_size": 2, "prompts_per_step": 4}, {})
-    message = r"grpo.prompts_per_step \(4\) is larger than the number of training prompts \(3,"
+    cfg = _online_config(
+        tmp_path, tiny_model_dir, 3, "grpo", {"completions_per_prompt": 2, "prompts_per_batch": 4}, {}
+    )
+    message = r"grpo.prompts_per_batch \(4\) is larger than the number of training prompts \(3,"
     with pytest.raises(ConfigError, match=message):
         validate(cfg, load_weights=False, log=lambda *a: None)
 

@@ -156,20 +156,20 @@ def test_first_step_is_ln2_on_the_non_tie_pairs_and_chosen_is_the_higher_reward(
     import preftune.training.online as online
 
     kept = {}
-    real = online._reference
+    real = online.setup_reference
 
-    def keep(s):
-        ref = real(s)
+    def keep(*args, **kwargs):
+        ref = real(*args, **kwargs)
         kept["ref"], kept["start"] = ref, {k: v.clone() for k, v in ref.frozen.state_dict().items()}
         return ref
 
-    online._reference = keep
+    online.setup_reference = keep
     try:
         run = train(
             config(tiny_model_dir, prompts, tmp_path / "run", generation={"temperature": 0.7}), log=quiet
         )
     finally:
-        online._reference = real
+        online.setup_reference = real
     train_rows = rows(run)
     for step, row in enumerate(train_rows, start=1):
         samples = completions(run, step)

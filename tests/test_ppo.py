@@ -132,18 +132,18 @@ def test_reference_stays_frozen(tmp_path, tiny_model_dir, prompts, reward_module
     import preftune.training.online as online
 
     frozen = {}
-    real = online._reference
+    real = online.setup_reference
 
-    def keep(s):
-        ref = real(s)
+    def keep(*args, **kwargs):
+        ref = real(*args, **kwargs)
         frozen["ref"], frozen["start"] = ref, {k: v.clone() for k, v in ref.frozen.state_dict().items()}
         return ref
 
-    online._reference = keep
+    online.setup_reference = keep
     try:
         train(config(tiny_model_dir, prompts, tmp_path / "run"), log=quiet)
     finally:
-        online._reference = real
+        online.setup_reference = real
     after = frozen["ref"].frozen.state_dict()
     assert all(torch.equal(after[k], frozen["start"][k]) for k in after)
 
@@ -218,12 +218,12 @@ def test_config_errors(tmp_path, tiny_model_dir, prompts):
         config(tiny_model_dir, prompts, tmp_path / "r", ppo={"prompts_per_batch": 5})
     with pytest.raises(ConfigError, match="vf_coef must be > 0"):
         config(tiny_model_dir, prompts, tmp_path / "r", ppo={"vf_coef": 0})
-    with pytest.raises(ConfigError, match="ppo.kl must be k1 or k3"):
+    with pytest.raises(ConfigError, match="ppo.kl must be one of k1, k3"):
         config(tiny_model_dir, prompts, tmp_path / "r", ppo={"kl": "k2"})
     with pytest.raises(ConfigError, match="adaptive_kl needs a starting ppo.beta > 0"):
         config(tiny_model_dir, prompts, tmp_path / "r", ppo={"adaptive_kl": True, "beta": 0})
     with pytest.raises(ConfigError, match="section\\(s\\) grpo given but method is 'ppo'"):
-        config(tiny_model_dir, prompts, tmp_path / "r", grpo={"group_size": 4})
+        config(tiny_model_dir, prompts, tmp_path / "r", grpo={"completions_per_prompt": 4})
 
 
 def test_sigterm_mid_batch_checkpoints_and_resume_equals_uninterrupted(

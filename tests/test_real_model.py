@@ -84,3 +84,23 @@ def test_shared_prefix_equals_plain_on_the_embedded_model():
         shared = pair_sequence_logps(model, prompts, chosen, rejected, tok.pad_token_id)
         plain = pair_sequence_logps(model, prompts, chosen, rejected, tok.pad_token_id, share_prefix=False)
     torch.testing.assert_close(shared, plain, rtol=0, atol=2e-4)
+
+
+def test_a_converted_tokenizer_names_a_class_every_allowed_transformers_has(tmp_path):
+    import json
+
+    from preftune.models import _portable_tokenizer_class
+
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "TokenizersBackend", "x": 1})
+    )
+    _portable_tokenizer_class(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "x": 1,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2TokenizerFast"}))
+    _portable_tokenizer_class(tmp_path)  # any other class is left as it is
+    assert (
+        json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2TokenizerFast"
+    )

@@ -67,8 +67,8 @@ def eos_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 SECTIONS = {
-    "grpo": {"group_size": 4, "prompts_per_step": 2, "beta": 0.1, "iterations": 2},
-    "ppo": {"prompts_per_batch": 4, "samples_per_prompt": 2, "epochs": 1, "minibatches": 2, "beta": 0.1},
+    "grpo": {"completions_per_prompt": 4, "prompts_per_batch": 2, "beta": 0.1, "updates_per_batch": 2},
+    "ppo": {"prompts_per_batch": 4, "completions_per_prompt": 2, "epochs": 1, "minibatches": 2, "beta": 0.1},
 }
 
 

@@ -148,7 +148,7 @@ def test_grpo_step_raises_the_advantage_weighted_logprob(
     G = 4
     cfg = online_config(
         "grpo", tiny_model_dir, prompts, tmp_path / "run",
-        grpo={"group_size": G, "prompts_per_step": 2, "rewards": ["check_rewards:by_ids"],
+        grpo={"completions_per_prompt": G, "prompts_per_batch": 2, "rewards": ["check_rewards:by_ids"],
               "log_completions_every": 1},
     )  # fmt: skip
     run = train(cfg, log=quiet)
@@ -205,7 +205,7 @@ def test_grpo_step_raises_the_advantage_weighted_logprob(
 
 
 def ppo_config(model_dir, prompts, out, **sections):
-    ppo = {"prompts_per_batch": 4, "samples_per_prompt": 2, "epochs": 1, "minibatches": 2,
+    ppo = {"prompts_per_batch": 4, "completions_per_prompt": 2, "epochs": 1, "minibatches": 2,
            "rewards": ["check_rewards:by_ids"], **sections.pop("ppo", {})}  # fmt: skip
     return online_config("ppo", model_dir, prompts, out, ppo=ppo, **sections)
 
@@ -332,7 +332,7 @@ def test_grpo_lora_reference_after_updates_is_the_base(tmp_path, tiny_model_dir,
     cfg = online_config(
         "grpo", tiny_model_dir, prompts, tmp_path / "run", model={"lora": LORA},
         training={"max_steps": 4, "save_every": 1, "learning_rate": 1e-2},
-        grpo={"group_size": 4, "prompts_per_step": 2, "iterations": 2, "beta": 0.1,
+        grpo={"completions_per_prompt": 4, "prompts_per_batch": 2, "updates_per_batch": 2, "beta": 0.1,
               "rewards": ["check_rewards:by_ids"]},
     )  # fmt: skip
     run = train(cfg, log=quiet)

@@ -1,4 +1,4 @@
-"""The ``preftune`` command line: train, validate, show-config, experiment, generate."""
+"""The ``preftune`` command line: train, validate, show-config, experiment, generate, export."""
 
 from __future__ import annotations
 
@@ -18,10 +18,25 @@ def _add_config_args(p: argparse.ArgumentParser, what: str = "CONFIG.yaml") -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import KINDS, METHOD_SECTIONS
+
+    heading = {"pair": "from preference pairs", "unpaired": "from unpaired good/bad examples"}
+    heading.update(reward_model="reward models", online="online, from prompts and reward functions")
+    lines = ["methods (`method:` in a config; each has a section of the same name):"]
+    for kind in KINDS:
+        lines.append(f"  {heading[kind]}:")
+        for name, section in METHOD_SECTIONS.items():
+            if section.kind == kind:
+                lines.append(f"    {name:<13} {section.summary}")
     parser = argparse.ArgumentParser(
         prog="preftune",
-        description="Preference alignment for causal language models (DPO family, ODPO, SimPO, reward models).",
+        description="Preference alignment for causal language models: offline pair and unpaired methods, "
+        "reward models and online RL, from a YAML config to a trained model.",
+        epilog="\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model from a YAML config")
     _add_config_args(p)
@@ -80,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward", action="append", default=[], metavar="SPEC", help="score with a reward; repeatable"
     )
     p.add_argument("--out", metavar="FILE.jsonl", help="also write the rows as JSON Lines")
+    p = sub.add_parser(
+        "export",
+        help="write a sharded checkpoint (training.sharding: fsdp) as an ordinary HF safetensors folder",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR/checkpoints/step-N")
+    p.add_argument("out_dir", metavar="OUT_DIR")
     return parser
 
 
@@ -88,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # overrides may also follow options like --resume
     if args.command == "generate":
         return _generate(parser, args, extra)
+    if args.command == "export":
+        return _export(parser, args, extra)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -109,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "validate":
             summary = validate(cfg, load_weights=not args.no_model, num_processes=args.num_processes)
+            plan = summary.pop("memory_plan", None)
             print(json.dumps(summary, indent=2))
+            if plan is not None:
+                from .training.memory import MemoryPlan
+
+                print("\n".join(MemoryPlan.from_dict(plan).lines()))
             print("ok: config, data and model are valid")
             return 0
         run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_change)
@@ -124,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _export(parser, args, extra) -> int:
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .training.sharding import export
+
+    try:
+        export(args.checkpoint, args.out_dir, log=lambda *a: print(*a, file=sys.stderr))
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: {args.out_dir}")
+    return 0
 
 
 def _generate(parser, args, extra) -> int:

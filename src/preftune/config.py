@@ -13,7 +13,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -123,134 +123,309 @@ class TrainingConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
     group_by_length: bool = False  # shuffle, then sort windows of 50 micro-batches by length: less padding
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | trackio (accelerate trackers)
+    # none: every process holds the whole model (DDP); fsdp: parameters, gradients and optimizer state sharded
+    # over the processes (torch FSDP2, one unit per decoder layer plus the root; training/sharding.py)
+    sharding: str = "none"
+    cpu_offload: bool = False  # fsdp only: parameters and optimizer state live on the CPU between uses
     progress: bool = True
 
 
 # --- methods: one section each --------------------------------------------------------------------------
+# Every method is one section class below, registered in METHOD_SECTIONS by its `method:` name. A section
+# says what kind of method it is (pair | unpaired | reward_model | online), whether it uses π_ref, and its own
+# checks; option fields take their vocabularies from preftune.losses (`option(...)`), so a value list is
+# written once. Nothing else switches on method names: trainers are preftune.training.run.TRAINERS.
+
+
+def option(default: str | None, vocabulary: str):
+    """A string field whose value must be one of ``preftune.losses.<vocabulary>`` (checked when the config is
+    built; ``None`` passes, for a default the section fills in)."""
+    return field(default=default, metadata={"vocabulary": vocabulary})
+
+
+def _losses():
+    import importlib  # here: the config module stays importable without torch
+
+    return importlib.import_module("preftune.losses")
+
+
+class MethodSection:
+    """What every method's section declares. ``kind``: how it trains (pair | unpaired | reward_model |
+    online); ``summary``: one line for ``preftune --help`` and the docs; ``renamed``: old key -> new key,
+    accepted for one release with a FutureWarning."""
+
+    method: ClassVar[str]
+    kind: ClassVar[str]
+    summary: ClassVar[str]
+    renamed: ClassVar[dict[str, str]] = {}
+    requires_scores: ClassVar[bool] = False  # the data must have score_chosen / score_rejected (ODPO)
+
+    def uses_reference(self) -> bool:
+        """Whether π_ref is loaded and run for this section's settings."""
+        raise NotImplementedError
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) pairs; a message names its key as ``<method>.<field>``."""
+        return []
 
 
 @dataclass
-class DPOConfig:
+class PairSection(MethodSection):
+    """A pair method: its fields are exactly its loss's keyword parameters (``losses.PAIR_METHODS``)."""
+
+    kind: ClassVar[str] = "pair"
+
+    def uses_reference(self) -> bool:
+        return not _losses().PAIR_METHODS[self.method].reference_free
+
+    def checks(self) -> list[tuple[bool, str]]:
+        beta = getattr(self, "beta", 1.0)
+        return [(beta > 0, f"{self.method}.beta must be > 0, got {beta}")]
+
+
+@dataclass
+class DPOConfig(PairSection):
+    method: ClassVar[str] = "dpo"
+    summary: ClassVar[str] = "DPO (Rafailov et al. 2023); label_smoothing > 0: conservative DPO (cDPO)"
     beta: float = 0.1
     label_smoothing: float = 0.0
 
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (
+                0.0 <= self.label_smoothing < 0.5,
+                f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
+            )
+        ]
+
 
 @dataclass
-class IPOConfig:
+class IPOConfig(PairSection):
+    method: ClassVar[str] = "ipo"
+    summary: ClassVar[str] = "IPO (Azar et al. 2023): squared loss towards a margin of 1/(2β)"
     beta: float = 0.1
 
 
 @dataclass
-class HingeConfig:
+class HingeConfig(PairSection):
+    method: ClassVar[str] = "hinge"
+    summary: ClassVar[str] = "hinge loss on the DPO margin (SLiC-style)"
     beta: float = 0.1
 
 
 @dataclass
-class RPOConfig:
+class RPOConfig(PairSection):
+    method: ClassVar[str] = "rpo"
+    summary: ClassVar[str] = "DPO + NLL on the chosen response (RPO, Pang et al. 2024)"
     beta: float = 0.1
     alpha: float = 1.0
 
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [(self.alpha >= 0, f"rpo.alpha must be >= 0, got {self.alpha}")]
+
 
 @dataclass
-class ODPOConfig:
+class ODPOConfig(PairSection):
+    method: ClassVar[str] = "odpo"
+    summary: ClassVar[str] = "ODPO (Amini et al. 2024): DPO with an offset from the two responses' scores"
+    requires_scores: ClassVar[bool] = True
     beta: float = 0.1
     alpha: float = 1.0
-    offset: str = "log"  # log | identity | log_ratio
+    offset: str = option("log", "ODPO_OFFSETS")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [(self.alpha >= 0, f"odpo.alpha must be >= 0, got {self.alpha}")]
 
 
 @dataclass
-class SimPOConfig:
+class SimPOConfig(PairSection):
+    method: ClassVar[str] = "simpo"
+    summary: ClassVar[str] = (
+        "SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin"
+    )
     beta: float = 2.0
     gamma: float = 1.0  # absolute target margin (the paper's gamma/beta ratio times beta)
 
 
 @dataclass
-class ORPOConfig:
+class ORPOConfig(PairSection):
+    method: ClassVar[str] = "orpo"
+    summary: ClassVar[str] = "ORPO (Hong et al. 2024): chosen NLL + odds-ratio term, reference-free"
     beta: float = 0.1  # the paper's lambda: odds-ratio term weight next to the chosen NLL (TRL's default)
 
 
 @dataclass
-class KTOConfig:
+class KTOConfig(MethodSection):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired data (prompt, completion, label), or pairs
     split into one desirable and one undesirable record each (losses/kto.py, training/kto.py)."""
 
+    method: ClassVar[str] = "kto"
+    kind: ClassVar[str] = "unpaired"
+    summary: ClassVar[str] = "KTO (Ethayarajh et al. 2024) on unpaired good/bad examples (or pairs)"
     beta: float = 0.1
     desirable_weight: float = 1.0  # lambda_D; 0 trains on the undesirable records only
     undesirable_weight: float = 1.0  # lambda_U; 0 trains on the desirable records only
 
+    def uses_reference(self) -> bool:
+        return True  # r = log π_θ − log π_ref
+
+    def checks(self) -> list[tuple[bool, str]]:
+        d, u = self.desirable_weight, self.undesirable_weight
+        return [
+            (self.beta > 0, f"kto.beta must be > 0, got {self.beta}"),
+            (d >= 0 and u >= 0, "kto.desirable_weight and kto.undesirable_weight must be >= 0"),
+            (
+                d > 0 or u > 0,
+                "kto.desirable_weight and kto.undesirable_weight are both 0: nothing would be trained",
+            ),
+        ]
+
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(MethodSection):
+    method: ClassVar[str] = "reward_model"
+    kind: ClassVar[str] = "reward_model"
+    summary: ClassVar[str] = "Bradley–Terry reward model (a scalar head) from pairs"
     use_margin: bool = True  # subtract the data's `margin` column when present
 
+    def uses_reference(self) -> bool:
+        return False
+
 
 @dataclass
-class GRPOConfig:
+class OnlineSection(MethodSection):
+    """An online method: trained from prompts and reward functions, with the ``generation`` section. One batch
+    of samples is ``prompts_per_batch`` prompts (all processes together) × ``completions_per_prompt``
+    completions and serves ``updates_per_batch`` optimizer steps; a section gives these as fields or
+    properties. π_ref is used exactly when ``beta`` > 0 (the KL term)."""
+
+    kind: ClassVar[str] = "online"
+    beta: float = 0.0
+    rewards: list = field(default_factory=lambda: ["vader"])  # names or {name, weight, options} mappings
+    eval_samples_per_prompt: int = 2  # held-out completions per eval prompt (reward, KL)
+    log_completions_every: int = 10  # optimizer steps between completions.jsonl samples; 0 = never
+
+    def uses_reference(self) -> bool:
+        return self.beta > 0
+
+    def checks(self) -> list[tuple[bool, str]]:
+        m = self.method
+        return [
+            (
+                self.prompts_per_batch >= 1,
+                f"{m}.prompts_per_batch must be >= 1, got {self.prompts_per_batch}",
+            ),
+            (self.beta >= 0, f"{m}.beta must be >= 0, got {self.beta}"),
+            (bool(self.rewards), f"{m}.rewards must name at least one reward function"),
+            (self.eval_samples_per_prompt >= 1, f"{m}.eval_samples_per_prompt must be >= 1"),
+            (self.log_completions_every >= 0, f"{m}.log_completions_every must be >= 0"),
+        ]
+
+    def processes_checks(self, num_processes: int) -> list[tuple[bool, str]]:
+        """Checks that depend on the number of processes (made when the process group is known)."""
+        return [
+            (
+                self.prompts_per_batch % num_processes == 0,
+                f"{self.method}.prompts_per_batch ({self.prompts_per_batch}) must be a multiple of the number "
+                f"of processes ({num_processes})",
+            )
+        ]
+
+
+@dataclass
+class GRPOConfig(OnlineSection):
     """GRPO and its variants (see :mod:`preftune.losses.policy_gradient` for each option's paper)."""
 
-    group_size: int = 8  # G completions per prompt
-    prompts_per_step: int = 4  # P prompts per optimizer step, all processes together
-    iterations: int = 1  # μ optimizer steps per batch of samples (μ > 1: π_old != π_θ)
+    method: ClassVar[str] = "grpo"
+    summary: ClassVar[str] = "GRPO and its variants: DAPO, Dr. GRPO, RLOO, GSPO, CISPO (grpo.policy_loss)"
+    renamed: ClassVar[dict[str, str]] = {
+        "group_size": "completions_per_prompt",
+        "prompts_per_step": "prompts_per_batch",
+        "iterations": "updates_per_batch",
+    }
+    completions_per_prompt: int = 8  # G completions per prompt (a group)
+    prompts_per_batch: int = 4  # P prompts per batch of samples, all processes together
+    updates_per_batch: int = (
+        1  # μ optimizer steps per batch of samples, each over all of it (μ > 1: π_old != π_θ)
+    )
     beta: float = 0.0  # KL coefficient; 0 = no reference model at all
-    kl: str = "k3"  # k3 (paper) | k2; k1 only at beta 0 (as a loss term its expected gradient is 0)
-    policy_loss: str = "clip"  # clip (paper) | gspo (sequence ratio) | cispo (clipped, detached IS weight)
+    kl: str = option("k3", "KL_ESTIMATORS")  # k3 (paper) | k2; k1 only at beta 0 (zero expected gradient)
+    # clip (paper) | gspo (sequence ratio) | cispo (clipped, detached IS weight)
+    policy_loss: str = option("clip", "POLICY_LOSSES")
     # clip range 1 − epsilon_low .. 1 + epsilon_high of the ratio; unset (null): the policy loss's own, clip
     # 0.2 / 0.2 (paper; DAPO's clip-higher: epsilon_high 0.28), gspo 3e-4 / 4e-4 (paper), cispo 1.0 (no
     # lower bound) / 4.0 (weight capped at 5)
     epsilon_low: float | None = None
     epsilon_high: float | None = None
     # group | batch | none (Dr. GRPO); unset (null): group, or none with baseline leave_one_out (RLOO)
-    scale: str | None = None
-    baseline: str = "mean"  # mean | leave_one_out (RLOO)
+    scale: str | None = option(None, "SCALES")
+    baseline: str = option("mean", "BASELINES")  # mean | leave_one_out (RLOO)
     # token_mean (DAPO) | sequence_mean (paper) | constant (Dr. GRPO); unset (null): the policy loss's own,
     # token_mean for clip and cispo, sequence_mean for gspo
-    aggregation: str | None = None
+    aggregation: str | None = option(None, "AGGREGATIONS")
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
     # DAPO's dynamic sampling: groups whose rewards have no spread are replaced by more sampled groups, at
-    # most dynamic_sampling_max_rounds extra rounds of prompts_per_step prompts (training/dynamic.py)
+    # most dynamic_sampling_max_rounds extra rounds of prompts_per_batch prompts (training/dynamic.py)
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3
-    rewards: list = field(default_factory=lambda: ["vader"])  # names or {name, weight, options} mappings
-    eval_samples_per_prompt: int = 2  # held-out completions per eval prompt (reward, KL)
-    log_completions_every: int = 10  # optimizer steps between completions.jsonl samples; 0 = never
 
     def __post_init__(self) -> None:
         # RLOO divides by no std: with scale: group, leave_one_out would be GRPO × G/(G−1), not RLOO
         if self.scale is None:
             self.scale = "none" if self.baseline == "leave_one_out" else "group"
-        from .losses.policy_gradient import POLICY_LOSSES  # here: config stays importable without torch
-
-        own = POLICY_LOSSES.get(self.policy_loss)  # an unknown name is reported by the checks
+        own = _losses().POLICY_LOSSES.get(self.policy_loss)  # an unknown name is refused when built
         for key in ("epsilon_low", "epsilon_high", "aggregation"):
             if getattr(self, key) is None and own is not None:
                 setattr(self, key, getattr(own, key))
 
-    # what the shared online loop reads (PPO names them differently)
-    @property
-    def prompts_per_batch(self) -> int:
-        return self.prompts_per_step
-
-    @property
-    def completions_per_prompt(self) -> int:
-        return self.group_size
-
-    @property
-    def updates_per_batch(self) -> int:
-        return self.iterations
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (
+                self.completions_per_prompt >= 2,
+                "grpo.completions_per_prompt must be >= 2 (group advantages compare completions), got "
+                f"{self.completions_per_prompt}",
+            ),
+            (
+                self.updates_per_batch >= 1,
+                f"grpo.updates_per_batch must be >= 1, got {self.updates_per_batch}",
+            ),
+            (
+                self.dynamic_sampling_max_rounds >= 1,
+                f"grpo.dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}",
+            ),
+            (
+                self.kl != "k1" or self.beta == 0,
+                f"grpo.kl: k1 with grpo.beta > 0 ({self.beta}) is refused: as a loss term k1 = log π_θ − log "
+                "π_ref has zero expected gradient (E_{y~π_θ}[∇log π_θ(y)] = Σ_y ∇π_θ(y) = 0), so it pulls "
+                "nowhere and only adds noise to the gradient and changes the logged kl. Use k3 (the paper's; "
+                "its gradient is that of KL(π_ref‖π_θ)) or k2 (the gradient of KL(π_θ‖π_ref)); k1 stays "
+                "available as PPO's reward shaping (ppo.kl)",
+            ),
+            (
+                0 <= self.epsilon_low
+                and (self.epsilon_low < 1 or self.policy_loss == "cispo")
+                and self.epsilon_high >= 0,
+                "grpo.epsilon_low must be in [0, 1) (>= 0 for cispo, where >= 1 means no lower bound on the "
+                "weight), epsilon_high >= 0",
+            ),
+        ]
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(OnlineSection):
     """PPO-based RLHF with a value head on the policy's trunk (see :mod:`preftune.losses.ppo` for each piece's
     equation and docs/methods.md for the critic's design). One batch of ``prompts_per_batch`` ×
-    ``samples_per_prompt`` rollouts serves ``epochs`` × ``minibatches`` optimizer steps."""
+    ``completions_per_prompt`` rollouts serves ``epochs`` × ``minibatches`` optimizer steps."""
 
+    method: ClassVar[str] = "ppo"
+    summary: ClassVar[str] = "PPO-based RLHF with a value head and KL-shaped reward (Ziegler et al. 2019)"
+    renamed: ClassVar[dict[str, str]] = {"samples_per_prompt": "completions_per_prompt"}
     prompts_per_batch: int = 32  # rollouts' prompts per batch of samples, all processes together
-    samples_per_prompt: int = 1  # completions of each prompt (> 1 shares the prompt's encoding)
+    completions_per_prompt: int = 1  # completions of each prompt (> 1 shares the prompt's encoding)
     epochs: int = 2  # PPO epochs over each batch of rollouts
     minibatches: int = 2  # optimizer steps per epoch (the batch is split into this many minibatches)
     beta: float = 0.05  # KL coefficient of the shaped reward (the initial one when adaptive_kl)
-    kl: str = "k1"  # per-token KL estimator in the reward: k1 (the papers') | k3
+    kl: str = option("k1", "PPO_KL_ESTIMATORS")  # per-token KL estimator in the reward: k1 (the papers') | k3
     adaptive_kl: bool = False  # Ziegler et al.'s controller towards target_kl
     target_kl: float = 6.0  # nats per completion
     # the adaptive β's horizon, in batches of rollouts: after each batch β ← β·(1 + clip(KL/target − 1,
@@ -265,9 +440,6 @@ class PPOConfig:
     entropy_coef: float = 0.0  # entropy bonus coefficient (0 = none)
     whiten_advantages: bool = True
     value_learning_rate: float | None = None  # the value head's; None = 10 × training.learning_rate
-    rewards: list = field(default_factory=lambda: ["vader"])  # as grpo.rewards: names or mappings
-    eval_samples_per_prompt: int = 2
-    log_completions_every: int = 10
 
     def __post_init__(self) -> None:
         if self.kl_horizon is not None:  # the old key, in completions: the same rate per batch, in batches
@@ -276,7 +448,7 @@ class PPOConfig:
                     "ppo.kl_horizon (deprecated, in completions) and ppo.kl_horizon_batches are both set: "
                     "keep ppo.kl_horizon_batches"
                 )
-            per_batch = max(self.prompts_per_batch * self.samples_per_prompt, 1)
+            per_batch = max(self.prompts_per_batch * self.completions_per_prompt, 1)
             self.kl_horizon_batches = self.kl_horizon / per_batch
             warnings.warn(
                 f"ppo.kl_horizon is deprecated and will be removed in the next release: the horizon is now "
@@ -288,29 +460,64 @@ class PPOConfig:
             self.kl_horizon = None
 
     @property
-    def completions_per_prompt(self) -> int:
-        return self.samples_per_prompt
-
-    @property
     def updates_per_batch(self) -> int:
         return self.epochs * self.minibatches
 
+    def checks(self) -> list[tuple[bool, str]]:
+        p = self
+        return super().checks() + [
+            (
+                p.completions_per_prompt >= 1,
+                f"ppo.completions_per_prompt must be >= 1, got {p.completions_per_prompt}",
+            ),
+            (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
+            (
+                p.prompts_per_batch % p.minibatches == 0,
+                f"ppo.prompts_per_batch ({p.prompts_per_batch}) must be a multiple of ppo.minibatches "
+                f"({p.minibatches}): every minibatch takes the same number of prompts",
+            ),
+            (
+                p.target_kl > 0 and p.kl_horizon_batches > 0,
+                "ppo.target_kl and ppo.kl_horizon_batches must be > 0",
+            ),
+            (not p.adaptive_kl or p.beta > 0, "ppo.adaptive_kl needs a starting ppo.beta > 0"),
+            (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+            (0 < p.epsilon < 1, f"ppo.epsilon must be in (0, 1), got {p.epsilon}"),
+            (p.value_clip > 0, f"ppo.value_clip must be > 0, got {p.value_clip}"),
+            (p.vf_coef > 0, f"ppo.vf_coef must be > 0 (the critic must learn), got {p.vf_coef}"),
+            (p.entropy_coef >= 0, f"ppo.entropy_coef must be >= 0, got {p.entropy_coef}"),
+            (
+                p.value_learning_rate is None or p.value_learning_rate > 0,
+                "ppo.value_learning_rate must be > 0 (or null for 10 × training.learning_rate)",
+            ),
+        ]
+
+    def processes_checks(self, num_processes: int) -> list[tuple[bool, str]]:
+        per = self.prompts_per_batch // num_processes if self.prompts_per_batch % num_processes == 0 else 0
+        return super().processes_checks(num_processes) + [
+            (
+                not per or per % self.minibatches == 0,
+                f"ppo.prompts_per_batch ({self.prompts_per_batch}) must be a multiple of ppo.minibatches × "
+                f"processes ({self.minibatches} × {num_processes}): each process splits its share into "
+                "ppo.minibatches equal minibatches",
+            )
+        ]
+
 
 @dataclass
-class OnlineDPOConfig:
+class OnlineDPOConfig(OnlineSection):
     """Online DPO (Guo et al. 2024, arXiv 2402.04792): per prompt two completions of the current policy,
     the higher-reward one chosen (ties and pairs with a missing reward skipped), the DPO or IPO loss against
     π_ref (training/online_dpo.py). One batch of ``prompts_per_batch`` prompts × 2 completions is one
     optimizer step."""
 
+    method: ClassVar[str] = "online_dpo"
+    summary: ClassVar[str] = "online DPO (Guo et al. 2024): pairs sampled from the policy, ranked by a reward"
     beta: float = 0.1  # the DPO β (IPO's τ); > 0: π_ref is always used
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    loss: str = option("sigmoid", "ONLINE_DPO_LOSSES")  # sigmoid (DPO) | ipo
     prompts_per_batch: int = 8  # prompts (pairs) per optimizer step, all processes together
-    rewards: list = field(default_factory=lambda: ["vader"])  # as grpo.rewards: names or mappings
-    eval_samples_per_prompt: int = 2
-    log_completions_every: int = 10
 
-    # what the shared online loop reads: two completions per prompt, one update per batch (on-policy)
+    # two completions per prompt, one update per batch (on-policy)
     @property
     def completions_per_prompt(self) -> int:
         return 2
@@ -319,25 +526,43 @@ class OnlineDPOConfig:
     def updates_per_batch(self) -> int:
         return 1
 
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (self.beta > 0, f"online_dpo.beta must be > 0 (the DPO loss is against π_ref), got {self.beta}")
+        ]
+
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-# trained from prompts and reward functions, with the `generation` section
-ONLINE_METHODS = ("grpo", "ppo", "online_dpo")
+SHARDING = ("none", "fsdp")
+KINDS = ("pair", "unpaired", "reward_model", "online")
 
-METHOD_SECTIONS: dict[str, type] = {
-    "dpo": DPOConfig,
-    "ipo": IPOConfig,
-    "hinge": HingeConfig,
-    "rpo": RPOConfig,
-    "odpo": ODPOConfig,
-    "simpo": SimPOConfig,
-    "orpo": ORPOConfig,
-    "kto": KTOConfig,
-    "reward_model": RewardModelConfig,
-    "grpo": GRPOConfig,
-    "ppo": PPOConfig,
-    "online_dpo": OnlineDPOConfig,
+# the method registry: `method:` name -> its section (which says its kind, reference use and checks)
+METHOD_SECTIONS: dict[str, type[MethodSection]] = {
+    cls.method: cls
+    for cls in (
+        DPOConfig,
+        IPOConfig,
+        HingeConfig,
+        RPOConfig,
+        ODPOConfig,
+        SimPOConfig,
+        ORPOConfig,
+        KTOConfig,
+        RewardModelConfig,
+        GRPOConfig,
+        PPOConfig,
+        OnlineDPOConfig,
+    )
 }
+# trained from prompts and reward functions, with the `generation` section
+ONLINE_METHODS = tuple(name for name, cls in METHOD_SECTIONS.items() if cls.kind == "online")
+
+
+def method_kind(method: str) -> str:
+    """``pair`` | ``unpaired`` | ``reward_model`` | ``online`` for a registered method name."""
+    if method not in METHOD_SECTIONS:
+        raise ConfigError(f"method {method!r} is not one of {', '.join(METHOD_SECTIONS)}")
+    return METHOD_SECTIONS[method].kind
 
 
 @dataclass
@@ -347,30 +572,27 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # online methods only
-    dpo: DPOConfig | None = None
-    ipo: IPOConfig | None = None
-    hinge: HingeConfig | None = None
-    rpo: RPOConfig | None = None
-    odpo: ODPOConfig | None = None
-    simpo: SimPOConfig | None = None
-    orpo: ORPOConfig | None = None
-    kto: KTOConfig | None = None
-    reward_model: RewardModelConfig | None = None
-    grpo: GRPOConfig | None = None
-    ppo: PPOConfig | None = None
-    online_dpo: OnlineDPOConfig | None = None
+    # the `method`'s section (in YAML under the method's name: `dpo: {beta: 0.1}`); cfg.dpo reads it too
+    method_config: MethodSection | None = None
 
-    @property
-    def method_config(self) -> Any:
-        return getattr(self, self.method)
+    def __post_init__(self) -> None:
+        if self.method_config is None and self.method in METHOD_SECTIONS:
+            self.method_config = METHOD_SECTIONS[self.method]()
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.grpo: the section when grpo is the method, None for another registered method
+        if name in METHOD_SECTIONS:
+            return self.__dict__.get("method_config") if self.__dict__.get("method") == name else None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
-        """The config as YAML would hold it: method sections that are not used, and the generation section
-        of an offline method, are left out."""
+        """The config as YAML would hold it: the method's section under its name; the generation section of
+        an offline method left out."""
         out = dataclasses.asdict(self)
+        section = out.pop("method_config")
         if self.method not in ONLINE_METHODS:
             out.pop("generation")
-        return {k: v for k, v in out.items() if not (k in METHOD_SECTIONS and v is None)}
+        return {**out, self.method: section}
 
 
 # --- building from dicts --------------------------------------------------------------------------------
@@ -444,11 +666,39 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; valid keys: {', '.join(sorted(names))}"
         )
+    vocabularies = {
+        f.name: f.metadata["vocabulary"] for f in dataclasses.fields(cls) if "vocabulary" in f.metadata
+    }
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(value, hints[name], key)
+        if name in vocabularies and kwargs[name] is not None:
+            allowed = tuple(getattr(_losses(), vocabularies[name]))
+            if kwargs[name] not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {kwargs[name]!r}")
     return cls(**kwargs)
+
+
+def build_section(method: str, values: dict) -> MethodSection:
+    """The section of ``method`` from ``values``, old key names (the section's ``renamed``) read with a
+    FutureWarning for one release."""
+    cls = METHOD_SECTIONS[method]
+    values = dict(values)
+    for old, new in cls.renamed.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ConfigError(
+                f"{method}.{old} (the old name of {method}.{new}) and {method}.{new} are both set"
+            )
+        warnings.warn(
+            f"{method}.{old} is renamed {method}.{new}; the old name is read for this release only",
+            FutureWarning,
+            stacklevel=3,
+        )
+        values[new] = values.pop(old)
+    return build_dataclass(cls, values, prefix=method)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -510,11 +760,17 @@ def train_config_from_dict(raw: dict, *, source: str = "config") -> TrainConfig:
             f"{source}: section generation is for online methods ({', '.join(ONLINE_METHODS)}); "
             f"{method!r} trains on fixed pairs and would ignore it"
         )
-    raw.setdefault(method, {})
-    if raw[method] is None:
-        raw[method] = {}
+    section = raw.pop(method, None) or {}
+    for other in METHOD_SECTIONS:  # sections set to null (an override that switched the method)
+        if raw.get(other, 0) is None:
+            del raw[other]
+    if "method_config" in raw:
+        raise ConfigError(f"{source}: unknown key 'method_config'; the method's section is `{method}:`")
     try:
+        if not isinstance(section, dict):
+            raise ConfigError(f"{method}: expected a mapping (section), got {section!r}")
         cfg = build_dataclass(TrainConfig, raw)
+        cfg.method_config = build_section(method, section)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate_train_config(cfg, source)
@@ -585,37 +841,25 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         bad(f"training.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
     if len(t.adam_betas) != 2:
         bad("training.adam_betas must have two values")
+    if t.sharding not in SHARDING:
+        bad(f"training.sharding must be one of {', '.join(SHARDING)}, got {t.sharding!r}")
+    if t.cpu_offload and t.sharding != "fsdp":
+        bad("training.cpu_offload needs training.sharding: fsdp (it offloads the shards)")
     for name in t.report_to:
         if name not in TRACKERS:
             bad(f"training.report_to: unknown tracker {name!r} ({', '.join(TRACKERS)})")
-    m = cfg.method_config
+    checks = list(cfg.method_config.checks())
     if cfg.method in ONLINE_METHODS:
-        _validate_online(cfg, bad)
-    elif m is not None and hasattr(m, "beta") and m.beta <= 0:
-        bad(f"{cfg.method}.beta must be > 0, got {m.beta}")
-    if cfg.method == "dpo" and not 0.0 <= m.label_smoothing < 0.5:
-        bad(f"dpo.label_smoothing must be in [0, 0.5), got {m.label_smoothing}")
-    if cfg.method == "odpo":
-        if m.offset not in ("log", "identity", "log_ratio"):
-            bad(f"odpo.offset must be log, identity or log_ratio, got {m.offset!r}")
-        if m.alpha < 0:
-            bad(f"odpo.alpha must be >= 0, got {m.alpha}")
-    if cfg.method == "kto":
-        if m.desirable_weight < 0 or m.undesirable_weight < 0:
-            bad("kto.desirable_weight and kto.undesirable_weight must be >= 0")
-        if m.desirable_weight == 0 and m.undesirable_weight == 0:
-            bad("kto.desirable_weight and kto.undesirable_weight are both 0: nothing would be trained")
-    if cfg.method == "rpo" and m.alpha < 0:
-        bad(f"rpo.alpha must be >= 0, got {m.alpha}")
+        checks += _online_checks(cfg)
+    for ok, message in checks:
+        if not ok:
+            bad(message)
 
 
-def _validate_online(cfg: TrainConfig, bad) -> None:
-    m, gen, t, name = cfg.method_config, cfg.generation, cfg.training, cfg.method
-    checks = {"grpo": _grpo_checks, "ppo": _ppo_checks, "online_dpo": _online_dpo_checks}[name](m)
-    checks += [
-        (bool(m.rewards), f"{name}.rewards must name at least one reward function"),
-        (m.eval_samples_per_prompt >= 1, f"{name}.eval_samples_per_prompt must be >= 1"),
-        (m.log_completions_every >= 0, f"{name}.log_completions_every must be >= 0"),
+def _online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """What every online method needs of the generation and training sections."""
+    gen, t, name = cfg.generation, cfg.training, cfg.method
+    return [
         (
             gen.max_new_tokens >= 1 and gen.batch_size >= 1,
             "generation.max_new_tokens and batch_size must be >= 1",
@@ -637,99 +881,6 @@ def _validate_online(cfg: TrainConfig, bad) -> None:
             f"training.grad_accum is not used by online methods: a step's completions are processed "
             f"training.batch_size at a time ({name}'s section sets how many there are); leave grad_accum at 1",
         ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            bad(message)
-
-
-def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
-    from .losses.policy_gradient import POLICY_LOSSES
-
-    return [
-        (
-            g.group_size >= 2,
-            f"grpo.group_size must be >= 2 (group advantages compare completions), got {g.group_size}",
-        ),
-        (g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}"),
-        (g.iterations >= 1, f"grpo.iterations must be >= 1, got {g.iterations}"),
-        (
-            g.dynamic_sampling_max_rounds >= 1,
-            f"grpo.dynamic_sampling_max_rounds must be >= 1, got {g.dynamic_sampling_max_rounds}",
-        ),
-        (g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}"),
-        (g.kl in ("k1", "k2", "k3"), f"grpo.kl must be k1, k2 or k3, got {g.kl!r}"),
-        (
-            g.kl != "k1" or g.beta == 0,
-            f"grpo.kl: k1 with grpo.beta > 0 ({g.beta}) is refused: as a loss term k1 = log π_θ − log π_ref "
-            "has zero expected gradient (E_{y~π_θ}[∇log π_θ(y)] = Σ_y ∇π_θ(y) = 0), so it pulls nowhere and "
-            "only adds noise to the gradient and changes the logged kl. Use k3 (the paper's; its gradient is "
-            "that of KL(π_ref‖π_θ)) or k2 (the gradient of KL(π_θ‖π_ref)); k1 stays available as PPO's reward "
-            "shaping (ppo.kl)",
-        ),
-        (
-            g.policy_loss in POLICY_LOSSES,
-            f"grpo.policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {g.policy_loss!r}",
-        ),
-        (
-            g.policy_loss not in POLICY_LOSSES
-            or (
-                0 <= g.epsilon_low and (g.epsilon_low < 1 or g.policy_loss == "cispo") and g.epsilon_high >= 0
-            ),
-            "grpo.epsilon_low must be in [0, 1) (>= 0 for cispo, where >= 1 means no lower bound on the "
-            "weight), epsilon_high >= 0",
-        ),
-        (g.scale in ("group", "batch", "none"), f"grpo.scale must be group, batch or none, got {g.scale!r}"),
-        (
-            g.baseline in ("mean", "leave_one_out"),
-            f"grpo.baseline must be mean or leave_one_out, got {g.baseline!r}",
-        ),
-        (
-            g.aggregation in ("sequence_mean", "token_mean", "constant"),
-            f"grpo.aggregation must be sequence_mean, token_mean or constant, got {g.aggregation!r}",
-        ),
-    ]
-
-
-def _ppo_checks(p: PPOConfig) -> list[tuple[bool, str]]:
-    return [
-        (p.prompts_per_batch >= 1, f"ppo.prompts_per_batch must be >= 1, got {p.prompts_per_batch}"),
-        (p.samples_per_prompt >= 1, f"ppo.samples_per_prompt must be >= 1, got {p.samples_per_prompt}"),
-        (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
-        (
-            p.prompts_per_batch % p.minibatches == 0,
-            f"ppo.prompts_per_batch ({p.prompts_per_batch}) must be a multiple of ppo.minibatches "
-            f"({p.minibatches}): every minibatch takes the same number of prompts",
-        ),
-        (p.beta >= 0, f"ppo.beta must be >= 0, got {p.beta}"),
-        (p.kl in ("k1", "k3"), f"ppo.kl must be k1 or k3, got {p.kl!r}"),
-        (
-            p.target_kl > 0 and p.kl_horizon_batches > 0,
-            "ppo.target_kl and ppo.kl_horizon_batches must be > 0",
-        ),
-        (not p.adaptive_kl or p.beta > 0, "ppo.adaptive_kl needs a starting ppo.beta > 0"),
-        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
-        (0 < p.epsilon < 1, f"ppo.epsilon must be in (0, 1), got {p.epsilon}"),
-        (p.value_clip > 0, f"ppo.value_clip must be > 0, got {p.value_clip}"),
-        (p.vf_coef > 0, f"ppo.vf_coef must be > 0 (the critic must learn), got {p.vf_coef}"),
-        (p.entropy_coef >= 0, f"ppo.entropy_coef must be >= 0, got {p.entropy_coef}"),
-        (
-            p.value_learning_rate is None or p.value_learning_rate > 0,
-            "ppo.value_learning_rate must be > 0 (or null for 10 × training.learning_rate)",
-        ),
-    ]
-
-
-def _online_dpo_checks(o: OnlineDPOConfig) -> list[tuple[bool, str]]:
-    from .losses.pairwise import ONLINE_DPO_LOSSES
-
-    return [
-        (o.beta > 0, f"online_dpo.beta must be > 0 (the DPO loss is against π_ref), got {o.beta}"),
-        (
-            o.loss in ONLINE_DPO_LOSSES,
-            f"online_dpo.loss must be one of {', '.join(ONLINE_DPO_LOSSES)}, got {o.loss!r}",
-        ),
-        (o.prompts_per_batch >= 1, f"online_dpo.prompts_per_batch must be >= 1, got {o.prompts_per_batch}"),
     ]
 
 

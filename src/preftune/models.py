@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_dir
+from .files import atomic_dir, write_text_atomic
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +50,7 @@ def embedded_model_dir(log=print) -> Path:
     """The converted safetensors folder of the embedded model, converting it on first use (atomically)."""
     target = cache_dir() / "models" / EMBEDDED_NAME
     if (target / "config.json").is_file():
+        _portable_tokenizer_class(target)  # a folder converted before this fix
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -65,8 +66,22 @@ def embedded_model_dir(log=print) -> Path:
     with atomic_dir(target, tmp_name=f".{target.name}.tmp-{os.getpid()}", keep_existing=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp)
     log(f"converted in {time.time() - start:.1f}s")
     return target
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 saves fast tokenizers as ``TokenizersBackend``, a class transformers 4 does not have;
+    ``PreTrainedTokenizerFast`` names the same tokenizer in both (5 maps it to its backend), so a folder
+    converted under one version loads under every version pyproject.toml allows."""
+    import json
+
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_text_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def resolve_model_path(name_or_path: str | None, log=print) -> str:

@@ -28,6 +28,7 @@ log π_sample that online training compares its own log π_θ with (``sampling/l
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 import time
 from collections.abc import Sequence
@@ -78,13 +79,28 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     return index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
 
-def _forward_last(model, **kwargs) -> tuple[torch.Tensor, object]:
-    """Logits of the last position only (R, V) fp32, and the cache."""
+def cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` in transformers 5.x (which removes ``past_key_values``
+    in 5.40), ``past_key_values`` in 4.x and in models that do not take ``cache``. Read from the forward's
+    signature of the transformers model under any wrapper (DDP, PEFT)."""
+    base = unwrap_model(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _forward_last(
+    model, cache=None, *, keyword: str = "past_key_values", **kwargs
+) -> tuple[torch.Tensor, object]:
+    """Logits of the last position only (R, V) fp32, and the cache (passed and read back under ``keyword``,
+    :func:`cache_keyword`)."""
+    if cache is not None:
+        kwargs[keyword] = cache
     try:
         out = model(**kwargs, use_cache=True, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
         out = model(**kwargs, use_cache=True)
-    return out.logits[:, -1].float(), out.past_key_values
+    cache = getattr(out, "cache", None)
+    return out.logits[:, -1].float(), cache if cache is not None else out.past_key_values
 
 
 def _can_share(cache) -> bool:
@@ -105,7 +121,10 @@ def _sample_batch(
     batch = collate_prompts(prompts if shared else [p for p in prompts for _ in range(k)], pad_id)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, L) or (B·K, L)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    last, cache = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=positions)
+    keyword = cache_keyword(model)
+    last, cache = _forward_last(
+        model, keyword=keyword, input_ids=ids, attention_mask=mask, position_ids=positions
+    )
     if shared and not _can_share(cache):  # fall back: prefill every copy
         return _sample_batch(
             model, prompts, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=False, logps=logps
@@ -138,8 +157,8 @@ def _sample_batch(
         position = position + 1
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
         last, cache = _forward_last(
-            model, input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
-            past_key_values=cache,
+            model, cache, keyword=keyword, input_ids=token.unsqueeze(-1), attention_mask=mask,
+            position_ids=position.unsqueeze(-1),
         )  # fmt: skip
     if logps is not None:
         logps.extend(out_logps)
@@ -201,6 +220,8 @@ def _sample_ids(
 ) -> list[list[list[int]]]:  # fmt: skip
     from tqdm.auto import tqdm
 
+    from .training.sharding import gathered
+
     if k < 1 or gen.max_new_tokens < 1 or gen.batch_size < 1:
         raise ValueError(
             f"k, max_new_tokens and batch_size must be >= 1 (got {k}, {gen.max_new_tokens}, {gen.batch_size})"
@@ -219,25 +240,27 @@ def _sample_ids(
     result: list[list[list[int]]] = []
     bar = tqdm(total=len(prompts) * k, unit="seq", desc="sampling", disable=not progress)
     n_tokens, started = 0, time.perf_counter()
-    try:
-        for first in range(0, len(prompts), per_batch):
-            chunk = prompts[first : first + per_batch]
-            rngs = [
-                random.Random(derive_seed(seed, q, j))
-                for q in keys[first : first + per_batch]
-                for j in range(k)
-            ]
-            rows, tokens = _sample_batch(
-                net, chunk, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=share_prefix,
-                logps=logps,
-            )  # fmt: skip
-            result.extend(rows[i * k : (i + 1) * k] for i in range(len(chunk)))
-            n_tokens += tokens
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-    finally:
-        bar.close()
-        net.train(was_training)
+    # a sharded model (training.sharding: fsdp): all-gathered once for the whole decode loop, resharded after
+    with gathered(net):
+        try:
+            for first in range(0, len(prompts), per_batch):
+                chunk = prompts[first : first + per_batch]
+                rngs = [
+                    random.Random(derive_seed(seed, q, j))
+                    for q in keys[first : first + per_batch]
+                    for j in range(k)
+                ]
+                rows, tokens = _sample_batch(
+                    net, chunk, k, gen, eos_id=eos_id, pad_id=pad_id, rngs=rngs, share_prefix=share_prefix,
+                    logps=logps,
+                )  # fmt: skip
+                result.extend(rows[i * k : (i + 1) * k] for i in range(len(chunk)))
+                n_tokens += tokens
+                bar.update(len(rows))
+                bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        finally:
+            bar.close()
+            net.train(was_training)
     return result
 
 

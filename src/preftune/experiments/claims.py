@@ -33,8 +33,12 @@ The claims, each checked only when its methods are among the rows:
 (e) SimPO's average-log-likelihood agreement with the preference is above 0.5 (SimPO paper §2.2): per seed;
     with one seed, over the held-out pairs (one per prompt by default, so independent): the share − 0.5
     with the row's binomial SE and df = pairs − 1.
+(f) Online DPO ≥ offline DPO at equal KL (Guo et al. 2024, §4: pairs sampled from the current policy beat
+    a fixed set of pairs), offline DPO on the experiment's pairs.
 
-"At equal KL" (a, b) compares two frontiers — a method's rows on one pairs setting, sorted by their (mean) KL:
+(c) covers every method's rows alike (kto, orpo and online_dpo included).
+
+"At equal KL" (a, b, f) compares two frontiers — a method's rows on one pairs setting, sorted by their (mean) KL:
 
 1. where their KL ranges overlap (from the means), the mean over that range [lo, hi] of the reward gap, each
    frontier interpolated linearly in KL: per seed on that seed's own KLs (a seed's frontier is held flat
@@ -497,11 +501,28 @@ def claim_simpo_agreement(rows: list[dict], units: dict, unit: str = SEED) -> li
     return claims
 
 
-CLAIMS = (claim_dpo_vs_ppo, claim_odpo_vs_dpo, claim_above_base, claim_kl_grows, claim_simpo_agreement)
+def claim_online_vs_offline_dpo(rows: list[dict], units: dict, unit: str = SEED) -> list[dict]:
+    """(f) online DPO ≥ offline DPO at equal KL, offline DPO on the experiment's pairs (online DPO makes its
+    own pairs from the training prompts)."""
+    online, offline = frontier(rows, "online_dpo"), frontier(rows, "dpo")
+    if not online or not offline:
+        return []
+    statement = "online DPO ≥ offline DPO at equal KL"
+    return [_frontier_claim("f", statement, "default pairs", online, offline, _base(rows), units, unit)]
+
+
+CLAIMS = (
+    claim_dpo_vs_ppo,
+    claim_odpo_vs_dpo,
+    claim_above_base,
+    claim_kl_grows,
+    claim_simpo_agreement,
+    claim_online_vs_offline_dpo,
+)
 
 
 def evaluate_claims(rows: list[dict], replicates: list[dict], unit: str = SEED) -> list[dict]:
-    """Every claim whose methods are present, in the order (a)–(e): claims.json's records ``{"claim",
+    """Every claim whose methods are present, in the order (a)–(f): claims.json's records ``{"claim",
     "statement", "scope", "verdict", "difference", "se", "df", "critical", "unit", "n_units", "per_unit",
     "units_to_separate", "power", "detail", ...}`` (frontier claims add ``basis`` and ``panel``).
 

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
-    ONLINE_METHODS,
     ConfigError,
+    DataConfig,
     GenerationConfig,
     LoraConfig,
     TrainConfig,
+    TrainingConfig,
     apply_overrides,
     build_dataclass,
+    method_kind,
     read_yaml,
     train_config_from_dict,
 )
@@ -55,25 +57,6 @@ class PairsConfig:
 
 
 @dataclass
-class ExpTrainConfig:
-    """Settings shared by every training run (the ``training`` section of ``preftune train``)."""
-
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "linear"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp32 master weights either way)
-    max_length: int = 128
-    max_prompt_length: int = 64
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
-@dataclass
 class MethodRun:
     method: str = "dpo"
     betas: list[float] = field(default_factory=lambda: [0.1])  # GRPO: its KL coefficient
@@ -85,6 +68,9 @@ class MethodRun:
     )  # offline methods: overrides of the experiment's `pairs` section
     reward: str | None = None  # online methods: `learned` = a reward model trained on the experiment's pairs
     tune: dict = field(default_factory=dict)  # overrides of the experiment's `tune` section for this entry
+    # kto only: `samples` = unpaired records from the experiment's samples (above / below the prompt's median
+    # reward), `pairs` = each pair of the entry's pairs gives one desirable and one undesirable record
+    kto_data: str | None = None
 
 
 @dataclass
@@ -117,7 +103,10 @@ class ExperimentConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    train: ExpTrainConfig = field(default_factory=ExpTrainConfig)
+    # every run's `preftune train` settings (a partial TrainConfig, :func:`train_sections`): keys of its
+    # `training` section, plus data.max_length / data.max_prompt_length and model.lora as `lora`; what is not
+    # given keeps TrainConfig's default
+    train: dict = field(default_factory=dict)
     methods: list[MethodRun] = field(default_factory=lambda: [MethodRun()])
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward_model: dict = field(default_factory=dict)  # `train` overrides for the learned reward model
@@ -150,6 +139,7 @@ def experiment_config_from_dict(raw: dict, source: str = "experiment config") ->
     if cfg.eval.pairs_mode not in PAIR_MODES:
         raise ConfigError(f"{source}: eval.pairs_mode must be all or best_vs_worst")
     _check_pairs(cfg.pairs, f"{source}: pairs")
+    train_sections(cfg.train, f"{source}: train")
     if cfg.eval.temperature != 1.0 or cfg.eval.top_p != 1.0:
         raise ConfigError(
             f"{source}: eval.temperature and eval.top_p must be 1.0: the KL estimate needs samples from the "
@@ -184,6 +174,10 @@ def _check_pairs(pairs: PairsConfig, where: str) -> None:
 
 def _check_method(cfg: ExperimentConfig, run: MethodRun, where: str) -> None:
     """What a `methods` entry may not say: checks that need the experiment around the entry."""
+    try:
+        method_kind(run.method)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if run.method == "reward_model":
         raise ConfigError(
             f"{where}: reward_model trains a scorer, not a policy, so it cannot be sampled "
@@ -194,14 +188,23 @@ def _check_method(cfg: ExperimentConfig, run: MethodRun, where: str) -> None:
             f"{where}: training.seed is set by the experiment (`seed`, or one run per entry of `seeds`); "
             "remove it from the methods entry"
         )
-    if run.pairs and run.method in ONLINE_METHODS:
+    if run.pairs and is_online(run):
         raise ConfigError(
             f"{where}: `pairs` is for offline methods only; {run.method} trains online from the training "
             "prompts and the reward, not from preference pairs"
         )
+    if run.kto_data is not None and method_kind(run.method) != "unpaired":
+        raise ConfigError(f"{where}: kto_data is for kto entries only (unpaired methods)")
+    if run.kto_data is not None and run.kto_data not in KTO_DATA:
+        raise ConfigError(f"{where}: kto_data must be one of {', '.join(KTO_DATA)}, got {run.kto_data!r}")
+    if run.pairs and trains_on(run) == UNPAIRED:
+        raise ConfigError(
+            f"{where}: `pairs` applies to kto with `kto_data: pairs` only; with kto_data samples (the default) "
+            "its records come from the samples, labelled by each prompt's median reward"
+        )
     if run.pairs:
         _check_pairs(run_pairs(cfg, run, where), f"{where}: pairs")
-    if run.reward is not None and (run.reward != LEARNED or run.method not in ONLINE_METHODS):
+    if run.reward is not None and (run.reward != LEARNED or not is_online(run)):
         raise ConfigError(
             f"{where}: `reward: {LEARNED}` (a reward model trained on the experiment's pairs, as in RLHF) is the "
             f"only value, and for online methods only; got {run.reward!r} on {run.method}"
@@ -212,6 +215,26 @@ def _check_method(cfg: ExperimentConfig, run: MethodRun, where: str) -> None:
 
 LEARNED = "learned"
 REWARD_MODEL_STAGE = "reward_model"
+UNPAIRED_STAGE = "unpaired"  # KTO's records labelled by the median reward of each prompt's samples
+KTO_DATA = ("samples", "pairs")
+PROMPTS, PAIRS, UNPAIRED = "prompts", "pairs", "unpaired"  # what a run trains on (:func:`trains_on`)
+
+
+def trains_on(run: MethodRun) -> str:
+    """What a methods entry trains on: ``prompts`` (online methods: the training prompts and the reward),
+    ``unpaired`` (kto with ``kto_data: samples``, the default: the ``unpaired`` stage's records) or ``pairs``
+    (every other method, kto with ``kto_data: pairs`` included)."""
+    kind = method_kind(run.method)
+    if kind == "online":
+        return PROMPTS
+    if kind == "unpaired" and (run.kto_data or "samples") == "samples":
+        return UNPAIRED
+    return PAIRS
+
+
+def is_online(run: MethodRun) -> bool:
+    """Whether a methods entry trains online (from the training prompts and the reward)."""
+    return method_kind(run.method) == "online"
 
 
 def learned_reward_model(cfg: ExperimentConfig) -> str:
@@ -233,8 +256,8 @@ def experiment_seeds(cfg: ExperimentConfig) -> list[int]:
 
 def run_pairs(cfg: ExperimentConfig, run: MethodRun, where: str = "methods entry") -> PairsConfig | None:
     """The pairs a run trains on: the experiment's `pairs` with the entry's `pairs` keys on top; None for
-    an online method (it trains from prompts)."""
-    if run.method in ONLINE_METHODS:
+    an online method (it trains from prompts) and for kto on the median-labelled samples."""
+    if trains_on(run) != PAIRS:
         return None
     try:
         return build_dataclass(PairsConfig, {**vars(cfg.pairs), **run.pairs}, prefix=f"{where}: pairs")
@@ -258,6 +281,8 @@ def run_name(run: MethodRun, beta: float, suffix: str = "") -> str:
     extra = "".join(f"-{k}{v}" for k, v in sorted(run.options.items()) if k != "rewards")
     if run.reward is not None:
         extra += f"-rm{run.reward}"
+    if run.kto_data is not None and run.kto_data != "samples":
+        extra += f"-data{run.kto_data}"
     return f"{run.method}{extra}{suffix}-beta{beta:g}"
 
 
@@ -293,8 +318,17 @@ class PlannedRun:
         return None if self.pairs is None else stage_with_variant("pairs", self.pairs_variant)
 
     @property
-    def reference_stage(self) -> str | None:
-        return None if self.pairs is None else stage_with_variant("reference", self.pairs_variant)
+    def data_stage(self) -> str:
+        """The stage whose output this run trains on: ``prompts`` (online), ``unpaired`` (kto on the
+        median-labelled samples) or its pairs stage."""
+        kind = trains_on(self.run)
+        return self.pairs_stage if kind == PAIRS else UNPAIRED_STAGE if kind == UNPAIRED else "prompts"
+
+    @property
+    def data_file(self) -> str:
+        """The training data file, relative to the experiment's folder."""
+        name = {PROMPTS: "train.txt", UNPAIRED: "unpaired.jsonl", PAIRS: "pairs.jsonl"}[trains_on(self.run)]
+        return f"{self.data_stage}/{name}"
 
 
 def stage_with_variant(stage: str, variant: str | None) -> str:
@@ -351,7 +385,7 @@ def tune_candidates(
     tune = entry_tune(cfg, run)
     if tune is None:
         return [(run, run_name(run, beta, suffix), None)]
-    lrs = tune.learning_rates or [run.training.get("learning_rate", cfg.train.learning_rate)]
+    lrs = tune.learning_rates or [run_training_value(cfg, run, "learning_rate")]
     ratios = tune.simpo_gamma_beta_ratios if run.method == "simpo" else None
     group_run = run
     if ratios:  # the group is named without the γ it tunes
@@ -411,17 +445,63 @@ def _split_method(entry: Any, i: int, source: str) -> dict:
         out["betas"] = entry.pop("betas")
     if "beta" in entry:
         raise ConfigError(f"{source}: methods[{i}]: use 'betas: [...]' (a list), not 'beta'")
-    for section in ("training", "generation", "pairs", "reward", "tune"):
+    for section in ("training", "generation", "pairs", "reward", "tune", "kto_data"):
         if section in entry:
             out[section] = entry.pop(section)
     out["options"] = entry
     return out
 
 
+TRAIN_DATA_KEYS = ("max_length", "max_prompt_length")  # of `preftune train`'s data section
+SET_BY_EXPERIMENT = ("output_dir", "seed", "progress")  # training keys the experiment sets per run
+
+
+def train_sections(train: dict, where: str = "train") -> dict:
+    """The experiment's ``train`` section as the sections of a partial :class:`TrainConfig`: ``{"training":
+    {...}, "data": {max_length, max_prompt_length}, "model": {"lora": {...}}}`` holding only the keys given,
+    each checked (name and type) against TrainConfig's own dataclasses, so every default is TrainConfig's.
+
+    Example: ``{"batch_size": 8, "max_length": 64, "lora": {"enabled": True}}`` -> ``{"training":
+    {"batch_size": 8}, "data": {"max_length": 64}, "model": {"lora": {"enabled": True}}}``."""
+    fixed = sorted(set(train) & set(SET_BY_EXPERIMENT))
+    if fixed:
+        raise ConfigError(
+            f"{where}: {', '.join(fixed)} set by the experiment (output_dir: its folder; seed: `seed` or "
+            "`seeds`; progress: `progress`); remove them from `train`"
+        )
+    training_keys = {f.name for f in dataclasses.fields(TrainingConfig)} - set(SET_BY_EXPERIMENT)
+    unknown = sorted(set(train) - training_keys - set(TRAIN_DATA_KEYS) - {"lora"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; valid keys: those of `preftune "
+            f"train`'s training section ({', '.join(sorted(training_keys))}), {', '.join(TRAIN_DATA_KEYS)} "
+            "and lora"
+        )
+    out = {
+        "training": {k: v for k, v in train.items() if k in training_keys},
+        "data": {k: v for k, v in train.items() if k in TRAIN_DATA_KEYS},
+        "model": {"lora": dict(train["lora"])} if isinstance(train.get("lora"), dict) else {},
+    }
+    if "lora" in train and not out["model"]:
+        raise ConfigError(f"{where}.lora must be a mapping, got {train['lora']!r}")
+    build_dataclass(TrainingConfig, out["training"], prefix=where)  # names and types, TrainConfig's checks
+    build_dataclass(DataConfig, out["data"], prefix=where)
+    build_dataclass(LoraConfig, out["model"].get("lora", {}), prefix=f"{where}.lora")
+    return out
+
+
 def train_dtype(cfg: ExperimentConfig) -> str:
     """The weights' dtype in training: `dtype` is the experiment's inference dtype, trained weights stay fp32
     (the frozen base under LoRA is stored in `dtype`)."""
-    return cfg.dtype if cfg.train.lora.enabled else "float32"
+    lora = build_dataclass(LoraConfig, train_sections(cfg.train)["model"].get("lora", {}))
+    return cfg.dtype if lora.enabled else "float32"
+
+
+def run_training_value(cfg: ExperimentConfig, run: MethodRun, key: str) -> Any:
+    """A run's value of ``training.<key>``: the entry's, else the experiment's `train`, else TrainConfig's
+    default."""
+    training = {**train_sections(cfg.train)["training"], **run.training}
+    return getattr(build_dataclass(TrainingConfig, training), key)
 
 
 def train_config(
@@ -429,30 +509,14 @@ def train_config(
 ) -> TrainConfig:
     """The ``preftune train`` config of one (method, beta, seed) run on the experiment's pairs (the data file
     is a placeholder; the pipeline points it at the run's pairs). ``seed`` defaults to the experiment's."""
-    t = cfg.train
-    online = run.method in ONLINE_METHODS
+    t = train_sections(cfg.train)
+    online = is_online(run)
+    placeholder = {PROMPTS: "prompts.txt", UNPAIRED: "unpaired.jsonl", PAIRS: "pairs.jsonl"}[trains_on(run)]
     raw = {
         "method": run.method,
-        "model": {"name_or_path": cfg.model, "dtype": train_dtype(cfg), "lora": vars(t.lora).copy()},
-        "data": {
-            "train": "prompts.txt" if online else "pairs.jsonl",
-            "max_length": t.max_length,
-            "max_prompt_length": t.max_prompt_length,
-        },
-        "training": {
-            "output_dir": output_dir,
-            "seed": cfg.seed if seed is None else seed,
-            "batch_size": t.batch_size,
-            "grad_accum": t.grad_accum,
-            "epochs": t.epochs,
-            "max_steps": t.max_steps,
-            "learning_rate": t.learning_rate,
-            "lr_scheduler": t.lr_scheduler,
-            "warmup_steps": t.warmup_steps,
-            "weight_decay": t.weight_decay,
-            "max_grad_norm": t.max_grad_norm,
-            "mixed_precision": t.mixed_precision,
-        },
+        "model": {"name_or_path": cfg.model, "dtype": train_dtype(cfg), **t["model"]},
+        "data": {"train": placeholder, **t["data"]},
+        "training": {"output_dir": output_dir, "seed": cfg.seed if seed is None else seed, **t["training"]},
         run.method: dict(run.options) if run.method == "reward_model" else {"beta": beta, **run.options},
     }
     raw["training"].update(run.training)

@@ -22,16 +22,22 @@ i < j, in lexicographic order.
 
 :func:`subsample_pairs` keeps a fixed-size subset (the "little data" runs of the ODPO paper): the first N
 pairs after a seeded shuffle, so the subset is the same on every machine and rerun.
+
+:func:`label_by_median` turns the same scored samples into KTO's unpaired records instead: each response is
+desirable when its score is above its prompt's median score, undesirable when below; a response at the
+median carries no preference and is left out (``at_median_dropped``). Repeated texts are dropped as for
+pairs (first occurrence kept), before the median is taken.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 
 MODES = ("all", "best_vs_worst")
 
-__all__ = ["MODES", "build_pairs", "subsample_pairs"]
+__all__ = ["MODES", "build_pairs", "label_by_median", "subsample_pairs"]
 
 
 def _unique(record: dict, index: int) -> tuple[list[str], list[float], int]:
@@ -122,3 +128,50 @@ def subsample_pairs(rows: list, max_pairs: int | None, seed: int) -> list:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in sorted(order[:max_pairs])]
+
+
+def label_by_median(records: list[dict]) -> tuple[list[dict], dict]:
+    """KTO's unpaired records from scored samples: per prompt, each (distinct) response above the median of
+    the prompt's scores is desirable (``label`` true), each below it undesirable; one at the median is left
+    out. Records come in input order, then response order.
+
+    Args:
+        records: ``[{"prompt": str, "responses": [str] * K, "scores": [float] * K}, ...]``.
+
+    Returns:
+        ``(rows, stats)``: rows ``{"prompt", "completion", "label", "score", "median"}``; stats ``{"prompts",
+        "desirable", "undesirable", "at_median_dropped", "duplicates_dropped"}``.
+
+    Example: scores [1, 2, 3, 4] (median 2.5) -> 3 and 4 desirable, 1 and 2 undesirable; scores [1, 2, 3]
+    (median 2) -> 3 desirable, 1 undesirable, 2 left out.
+    """
+    rows: list[dict] = []
+    at_median = duplicates = 0
+    for index, record in enumerate(records):
+        texts, scores, dup = _unique(record, index)
+        duplicates += dup
+        if not texts:
+            continue
+        median = statistics.median(scores)
+        for text, score in zip(texts, scores):
+            if score == median:
+                at_median += 1
+                continue
+            rows.append(
+                {
+                    "prompt": record["prompt"],
+                    "completion": text,
+                    "label": score > median,
+                    "score": score,
+                    "median": median,
+                }
+            )
+    desirable = sum(r["label"] for r in rows)
+    stats = {
+        "prompts": len(records),
+        "desirable": desirable,
+        "undesirable": len(rows) - desirable,
+        "at_median_dropped": at_median,
+        "duplicates_dropped": duplicates,
+    }
+    return rows, stats

@@ -13,6 +13,7 @@ See docs/methods.md for the index.
 from preftune.losses.kto import UNPAIRED_METHODS, kto_loss, kto_reference_point
 from preftune.losses.pairwise import (
     ODPO_OFFSETS,
+    ONLINE_DPO_LOSSES,
     PAIR_METHODS,
     LossOutput,
     OffsetDomainError,
@@ -94,6 +95,7 @@ __all__ = [
     "mean_var_from_sums",
     "whiten",
     "ODPO_OFFSETS",
+    "ONLINE_DPO_LOSSES",
     "PAIR_LOSSES",
     "PAIR_METHODS",
     "LossOutput",

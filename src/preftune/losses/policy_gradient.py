@@ -152,13 +152,19 @@ def clip_fractions(
     """Share of completion tokens whose update the clip stopped: ``low`` (ρ < 1−ε_low with Â < 0), ``high``
     (ρ > 1+ε_high with Â > 0) and ``region`` (either)."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    low = (ratio < 1.0 - eps_low) & (adv < 0) & mask
-    high = (ratio > 1.0 + eps_high) & (adv > 0) & mask
-    n = mask.sum().clamp(min=1)
+    return _stopped_shares("clip_ratio", ratio, adv, mask, eps_low, eps_high)
+
+
+def _stopped_shares(prefix, ratio, adv, present, eps_low: float, eps_high: float) -> dict[str, float]:
+    """Shares of the ``present`` entries where the clip stops the update: ρ < 1−ε_low with Â < 0 (``low``),
+    ρ > 1+ε_high with Â > 0 (``high``), either (``region``); ``ratio``, ``adv``, ``present`` broadcast."""
+    low = (ratio < 1.0 - eps_low) & (adv < 0) & present
+    high = (ratio > 1.0 + eps_high) & (adv > 0) & present
+    n = present.sum().clamp(min=1)
     return {
-        "clip_ratio/low": float(low.sum() / n),
-        "clip_ratio/high": float(high.sum() / n),
-        "clip_ratio/region": float((low | high).sum() / n),
+        f"{prefix}/low": float(low.sum() / n),
+        f"{prefix}/high": float(high.sum() / n),
+        f"{prefix}/region": float((low | high).sum() / n),
     }
 
 
@@ -232,16 +238,8 @@ def sequence_clip_fractions(
     """GSPO: share of completions (with loss tokens) whose update the sequence clip stopped, from s (N,),
     Â (N,) and the token mask (N, L): ``low`` (s < 1−ε_low with Â < 0), ``high`` (s > 1+ε_high with Â > 0),
     ``region`` (either)."""
-    present = mask.any(dim=-1)  # (N,)
     adv = advantages if advantages.dim() == 1 else advantages[:, 0]
-    low = (ratio < 1.0 - eps_low) & (adv < 0) & present
-    high = (ratio > 1.0 + eps_high) & (adv > 0) & present
-    n = present.sum().clamp(min=1)
-    return {
-        "seq_clip_ratio/low": float(low.sum() / n),
-        "seq_clip_ratio/high": float(high.sum() / n),
-        "seq_clip_ratio/region": float((low | high).sum() / n),
-    }
+    return _stopped_shares("seq_clip_ratio", ratio, adv, mask.any(dim=-1), eps_low, eps_high)
 
 
 def capped_weight_fractions(

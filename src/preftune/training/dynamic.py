@@ -73,13 +73,13 @@ def concat(parts: list[Rollout]) -> Rollout:
 
 
 def collect_full_rollout(*, cfg, n_prompts: int, accelerator, **collect) -> tuple[Rollout, dict[str, float]]:
-    """A batch of ``prompts_per_step`` groups with reward spread, as far as ``dynamic_sampling_max_rounds``
+    """A batch of ``prompts_per_batch`` groups with reward spread, as far as ``dynamic_sampling_max_rounds``
     extra rounds allow (see the module docstring). ``collect`` are :func:`collect_rollout`'s keywords
     (``indices`` the planned prompts of this process, ``batch`` the sampling batch). ``reward`` and the
     completion statistics describe the planned prompts' samples (comparable with a run without dynamic
     sampling); ``reward_std``, which batch scaling divides by, is the kept batch's."""
     g = cfg.grpo
-    G, acc = g.group_size, accelerator
+    G, acc = g.completions_per_prompt, accelerator
     first, timings = collect_rollout(cfg=cfg, accelerator=acc, **collect)
     need = len(first.prompt_index)
     valid = first.valid
@@ -94,7 +94,7 @@ def collect_full_rollout(*, cfg, n_prompts: int, accelerator, **collect) -> tupl
     ):
         rounds += 1
         indices = extra_prompts(
-            n_prompts, g.prompts_per_step, seed=cfg.training.seed, batch=first.batch, round_=rounds,
+            n_prompts, g.prompts_per_batch, seed=cfg.training.seed, batch=first.batch, round_=rounds,
             world=acc.num_processes, rank=acc.process_index,
         )  # fmt: skip
         more, extra_time = collect_rollout(

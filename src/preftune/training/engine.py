@@ -1,8 +1,9 @@
 """What every training loop shares: the optimizer and schedule, one guarded optimizer step (:class:`Stepper`),
 the metrics log, checkpoint save/restore, and what a loop does when it must stop (:func:`stop_checkpoint`).
 
-The offline loop (``loop.py``) and the online loop (``online.py``) are short, visible loops that call these;
-neither is a flag of the other. Signals: :mod:`preftune.training.signals`.
+The offline loop (``loop.py``) and the online loop (``online.py``) each write their own step; the protocol
+around it, built from these, is one :class:`preftune.training.harness.StepHarness` they share. Neither loop is
+a flag of the other. Signals: :mod:`preftune.training.signals`.
 """
 
 from __future__ import annotations
@@ -135,10 +136,11 @@ class Stepper:
     so a step is never torn.
     """
 
-    def __init__(self, accelerator, optimizer, scheduler, params, t: TrainingConfig):
+    def __init__(self, accelerator, optimizer, scheduler, params, t: TrainingConfig, *, sharded=False):
         self.accelerator, self.optimizer, self.scheduler, self.params, self.t = (
             accelerator, optimizer, scheduler, params, t,
         )  # fmt: skip
+        self.sharded = sharded  # FSDP2 (sharding.py): the gradients are DTensor shards
         self.nonfinite_skipped = 0
         self.scaler_skipped = 0
         self.restored: dict = {}
@@ -146,7 +148,11 @@ class Stepper:
 
     def step(self, finite_loss: bool = True) -> StepOutcome:
         acc, t = self.accelerator, self.t
-        if t.max_grad_norm is not None:
+        if self.sharded:  # the global norm over every shard, the same on every process
+            from .sharding import clip_grad_norm
+
+            grad_norm = clip_grad_norm(self.params, t.max_grad_norm)
+        elif t.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.params, t.max_grad_norm))  # unscales under fp16
         else:
             acc.unscale_gradients()
@@ -188,9 +194,13 @@ class Stepper:
     def metrics(self) -> dict:
         return {"nonfinite_skipped": self.nonfinite_skipped, "loss_scale_skipped": self.scaler_skipped}
 
-    def restore(self, resume_from: Path) -> int:
-        """Optimizer, scheduler, loss scaler, RNG and counters from a checkpoint; returns its step."""
-        state = restore_state(resume_from, self.accelerator, self.optimizer, self.scheduler)
+    def restore(self, resume_from: Path, load=None) -> int:
+        """Optimizer, scheduler, loss scaler, RNG and counters from a checkpoint; returns its step. ``load()``:
+        restores them instead and returns the trainer state (a sharded checkpoint, sharding.py)."""
+        if load is not None:
+            state = load()
+        else:
+            state = restore_state(resume_from, self.accelerator, self.optimizer, self.scheduler)
         self.restored = state  # the whole trainer state, for what a loop keeps beside the counters
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.scaler_skipped = state.get("loss_scale_skipped", 0)

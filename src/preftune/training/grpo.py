@@ -2,8 +2,8 @@
 loss (``grpo.policy_loss``: the clipped ratio, GSPO's sequence ratio or CISPO's clipped weight) and the
 per-token KL to π_ref (:mod:`preftune.losses.policy_gradient`).
 
-One optimizer step takes ``grpo.prompts_per_step`` (P) prompts × ``grpo.group_size`` (G) completions; a batch
-of samples serves ``grpo.iterations`` (μ) optimizer steps, each over all of its completions. At μ = 1 π_old is
+One optimizer step takes ``grpo.prompts_per_batch`` (P) prompts × ``grpo.completions_per_prompt`` (G) completions; a batch
+of samples serves ``grpo.updates_per_batch`` (μ) optimizer steps, each over all of its completions. At μ = 1 π_old is
 the detached current policy, so ρ = 1 exactly and no extra forward pass is made; the logged loss then sits
 near 0 (it is −mean Â, and advantages are centred) while its gradient is the advantage-weighted log-prob
 gradient. Every log-prob (π_θ, π_old, π_ref, the entropy) is of softmax(z/T), T = ``generation.temperature``;
@@ -42,7 +42,7 @@ class GRPO(OnlineMethod):
     def prepare(self, model, rollout: Rollout) -> None:
         """Group advantages (their batch std over every process), π_old (μ > 1) and π_ref (β > 0)."""
         s, g, t = self.s, self.s.cfg.grpo, self.s.cfg.training
-        acc, G = s.accelerator, g.group_size
+        acc, G = s.accelerator, g.completions_per_prompt
         reward, valid = torch.nan_to_num(rollout.rewards), rollout.valid
         n_groups = len(rollout.prompt_index)
         zero = sum_over_processes(
@@ -58,7 +58,7 @@ class GRPO(OnlineMethod):
             NO_GRAD_BATCH * t.batch_size,
         )
         temperature = s.cfg.generation.temperature
-        if g.iterations > 1:  # π_old: the policy before this batch's first update
+        if g.updates_per_batch > 1:  # π_old: the policy before this batch's first update
             rollout.old_logps = completion_logps(
                 no_grad_logps(model, t.share_prefix, temperature=temperature), rollout, pad, nograd, width, G
             )

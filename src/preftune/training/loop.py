@@ -1,8 +1,8 @@
 """The offline loop, shared by the pair methods and the reward model: fixed examples, epochs, accumulation.
 
 A family supplies ``make_batch(indices) -> batch`` and ``compute(model, batch) -> (losses (B,), metrics)``;
-this loop owns ordering, accumulation and evaluation; the optimizer step, schedule, metrics log and
-checkpoints come from ``engine.py``.
+this loop owns ordering, accumulation and evaluation; the protocol around each step (optimizer step,
+schedule, metrics log, checkpoints, stops) is ``harness.py``'s, shared with the online loop.
 
 Ordering is a pure function of (seed, epoch): epoch e visits ``randperm(n, seed + e)`` in micro-batches of
 ``batch_size * world_size`` pairs (rank r takes every world-th pair), and ``grad_accum`` consecutive
@@ -22,20 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..losses import example_mean
-from .engine import (
-    MetricsLog,
-    NonFiniteError,
-    Stepper,
-    build_optimizer,
-    end_of_step,
-    save_state,
-    stop_checkpoint,
-    sum_over_processes,
-)
+from .engine import sum_over_processes
+from .harness import StepHarness
 from .signals import StopSignals
 
 LENGTH_WINDOW = 50  # micro-batches per length-sorted window (as transformers' group_by_length)
@@ -169,112 +160,58 @@ def fit(
         n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index,
         lengths=lengths if t.group_by_length else None,
     )  # fmt: skip
-    n_steps = total_steps(cfg, plan)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(t, params, n_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    stepper = Stepper(accelerator, optimizer, scheduler, params, t)
-    start_step = 0
-    if resume_from is not None:
-        start_step = stepper.restore(resume_from)
-        log(f"resumed from {resume_from} at step {start_step}/{n_steps}")
-    metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl", accelerator, keep_until_step=start_step)
-    bar = tqdm(
-        total=n_steps,
-        initial=start_step,
-        desc=cfg.method,
-        disable=not (t.progress and accelerator.is_main_process),
+    h = StepHarness(
+        cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, run_dir=run_dir, signals=signals,
+        n_steps=total_steps(cfg, plan), params=params, resume_from=resume_from, log=log,
+    )  # fmt: skip
+    model = h.model
+
+    def body(step: int) -> dict:
+        began = time.perf_counter()
+        epoch, micro = plan.step(step)
+        n_step = plan.step_examples(step)  # over all ranks
+        n_local = sum(len(m) for m in micro)
+        acc: dict[str, float] = {}
+        tokens, bad = 0, []
+        for i, indices in enumerate(micro):
+            weight = 1.0 if indices else 0.0  # an empty share at the end of an epoch: a zero-weight stand-in
+            batch = make_batch(indices or [0])
+            tokens += int(batch["attention_mask"].sum() * weight)
+            sync = i == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                losses, metrics = compute(model, batch)  # losses: (B,)
+                # DDP averages gradients over ranks, so each rank's share is scaled by world size
+                accelerator.backward(example_mean(losses, n_step) * world * weight)
+            bad += [idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok]
+            for k, v in metrics.items():
+                acc[k] = acc.get(k, 0.0) + v * len(indices)
+        any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
+
+        def records() -> str:
+            named = bad or [i for m in micro for i in m]
+            names = describe(named) if describe is not None else [f"example {i}" for i in named]
+            shown = "; ".join(names[:10]) + (f"; ... ({len(names)} in all)" if len(names) > 10 else "")
+            which = "with a non-finite loss" if bad else "in the step"
+            return f"records {which}: {shown}. Fix or drop them, lower the learning rate"
+
+        outcome = h.update(step, not any_bad, records)
+        elapsed = time.perf_counter() - began
+        acc = sum_over_processes(accelerator, {**acc, "_examples": n_local, "_tokens": tokens})
+        n_examples, tokens = int(acc.pop("_examples")), int(acc.pop("_tokens"))
+        row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
+        row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
+        return {**row, "examples": n_examples, **h.stepper.metrics()}
+
+    return h.run(
+        body,
+        postfix=lambda r: {
+            "loss": f"{r['loss']:.4f}",
+            **({"acc": f"{r['rewards/accuracies']:.2f}"} if "rewards/accuracies" in r else {}),  # not KTO's
+        },
+        evaluate=(lambda: eval_fn(model)) if eval_fn is not None else None,
+        on_step_end=on_step_end,
     )
-
-    def save(step: int) -> Path | None:
-        return save_state(
-            run_dir,
-            step,
-            accelerator,
-            model,
-            tokenizer,
-            optimizer,
-            scheduler,
-            t.keep_checkpoints,
-            stepper.state(),
-        )
-
-    model.train()
-    last: dict = {}
-    completed, consistent = start_step, True  # steps applied; no optimizer step half applied
-    with signals.deferred():
-        try:
-            for step in range(start_step, n_steps):
-                began = time.perf_counter()
-                epoch, micro = plan.step(step)
-                n_step = plan.step_examples(step)  # over all ranks
-                n_local = sum(len(m) for m in micro)
-                acc: dict[str, float] = {}
-                tokens, bad = 0, []
-                for i, indices in enumerate(micro):
-                    weight = (
-                        1.0 if indices else 0.0
-                    )  # an empty share at the end of an epoch: a zero-weight stand-in
-                    batch = make_batch(indices or [0])
-                    tokens += int(batch["attention_mask"].sum() * weight)
-                    sync = i == len(micro) - 1
-                    with (
-                        contextlib.nullcontext() if sync else accelerator.no_sync(model),
-                        accelerator.autocast(),
-                    ):
-                        losses, metrics = compute(model, batch)  # losses: (B,)
-                        # DDP averages gradients over ranks, so each rank's share is scaled by world size
-                        accelerator.backward(example_mean(losses, n_step) * world * weight)
-                    bad += [
-                        idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok
-                    ]
-                    for k, v in metrics.items():
-                        acc[k] = acc.get(k, 0.0) + v * len(indices)
-                any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
-                consistent = False
-                try:
-                    outcome = stepper.step(finite_loss=not any_bad)
-                except NonFiniteError as exc:
-                    consistent = True  # nothing was applied
-                    records = bad or [i for m in micro for i in m]
-                    names = describe(records) if describe is not None else [f"example {i}" for i in records]
-                    shown = "; ".join(names[:10]) + (
-                        f"; ... ({len(names)} in all)" if len(names) > 10 else ""
-                    )
-                    which = "with a non-finite loss" if bad else "in the step"
-                    raise NonFiniteError(
-                        f"step {step + 1}: {exc}; records {which}: {shown}. Fix or drop them, lower the learning "
-                        "rate, or set training.skip_nonfinite: true to skip such steps"
-                    ) from None
-                completed, consistent = step + 1, True
-                elapsed = time.perf_counter() - began
-                acc = sum_over_processes(accelerator, {**acc, "_examples": n_local, "_tokens": tokens})
-                n_examples, tokens = int(acc.pop("_examples")), int(acc.pop("_tokens"))
-                row = {"step": step + 1, "split": "train", "epoch": epoch, **_weighted_mean(acc, n_examples)}
-                row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, tokens_per_s=tokens / elapsed)
-                row.update(examples=n_examples, **stepper.metrics())
-                last = row
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}"
-                )
-                end_of_step(
-                    step + 1, n_steps, t, row, metrics_log=metrics_log, accelerator=accelerator, signals=signals,
-                    evaluate=(lambda: eval_fn(model)) if eval_fn is not None else None, save=save,
-                    on_step_end=on_step_end,
-                )  # fmt: skip
-        except (KeyboardInterrupt, NonFiniteError) as exc:
-            bar.close()
-            if completed > start_step:
-                stop_checkpoint(
-                    exc, consistent=consistent, accelerator=accelerator, save=lambda: save(completed), log=log
-                )
-            raise
-    bar.close()
-    if eval_fn is not None:
-        with signals.deferred():  # held until the model is saved (the caller's final phase)
-            metrics_log.write({"step": n_steps, "split": "eval", **eval_fn(model)})
-    return last
 
 
 __all__ = ["StepPlan", "evaluate", "fit", "total_steps"]

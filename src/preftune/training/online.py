@@ -1,18 +1,18 @@
-"""The online loop, shared by GRPO and PPO, beside the offline one and built from the same engine.
+"""The online loop, shared by GRPO and PPO, beside the offline one and run by the same step harness.
 
 A method (:class:`OnlineMethod`: ``grpo.py``, ``ppo.py``) says what it adds to a batch of samples and how
 it trains on it; the loop is the same for both. One batch of samples is ``prompts_per_batch`` prompts ×
 ``completions_per_prompt`` completions and serves ``updates_per_batch`` optimizer steps (GRPO: μ =
-``grpo.iterations``; PPO: ``ppo.epochs`` × ``ppo.minibatches``)::
+``grpo.updates_per_batch``; PPO: ``ppo.epochs`` × ``ppo.minibatches``)::
 
     for step in steps:
         if a new batch is due (every updates_per_batch steps):
             rollout = sample the completions of this process's prompts and score them (rollout.py)
             method.prepare(rollout): no-grad passes (π_old, π_ref, values) and advantages
         method.train_step(rollout, iteration): micro-batches of training.batch_size completions, backward
-        one guarded optimizer step (engine.Stepper); after a batch's last one, method.end_batch(rollout)
-        (PPO's adaptive KL coefficient); metrics; completions.jsonl; eval; checkpoint;
-        a stop requested by a signal, agreed by every process (signals.py)
+        one guarded optimizer step; after a batch's last one, method.end_batch(rollout) (PPO's adaptive KL
+        coefficient); metrics; completions.jsonl; then, as in the offline loop (harness.py): log, eval,
+        checkpoint, a stop requested by a signal, agreed by every process (signals.py)
 
 Sampling draws on seeds derived from (seed, batch, process), so a resumed run samples what the uninterrupted
 run would; a checkpoint between the updates of a batch keeps the rollout, and the method's own state (PPO's
@@ -38,27 +38,16 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from .. import metrics as M
 from ..data import pack_sequences
 from ..logprobs import sequence_logps, shared_prefix_logps
-from ..models import load_model, unwrap_model
-from ..rewards import RewardError, score_all
+from ..models import unwrap_model
+from ..rewards import score_all
 from ..sampling import derive_seed, sample_ids
-from .engine import (
-    MetricsLog,
-    NonFiniteError,
-    Stepper,
-    build_optimizer,
-    end_of_step,
-    max_over_processes,
-    save_state,
-    stop_checkpoint,
-    sum_over_processes,
-    trim_jsonl,
-)
-from .reference import Reference, build_reference
+from .engine import max_over_processes, sum_over_processes, trim_jsonl
+from .harness import StepHarness
+from .reference import Reference, setup_reference, uses_reference
 from .rollout import Rollout, collect_rollout
 
 NO_GRAD_BATCH = 4  # no-grad passes (π_old, π_ref, values) take 4 × training.batch_size completions at a time
@@ -117,36 +106,28 @@ class OnlineMethod(abc.ABC):
 def train_online(s, method_class: type[OnlineMethod]) -> dict:
     """An online method on the prompts of ``s`` (a :class:`preftune.training.run.Session`); returns the last
     train row."""
-    cfg, m, t = s.cfg, s.cfg.method_config, s.cfg.training
+    cfg, m = s.cfg, s.cfg.method_config
     acc, prep = s.accelerator, s.prep
     tokenizer = prep.tokenizer
     examples = prep.examples["train"]
     plan = prep.plan(acc.num_processes, acc.process_index)
     n_steps = prep.total_steps(acc.num_processes)
     updates = m.updates_per_batch
-    reference = _reference(s) if m.beta > 0 else None
+    reference = (
+        setup_reference(s.model, cfg, prep.model_path, policy_trained=s.resume_from is not None)
+        if uses_reference(cfg)
+        else None
+    )
     method = method_class(s, reference)
     params = [p for p in s.model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(t, method.param_groups(params), n_steps)
-    model, optimizer = acc.prepare(s.model, optimizer)
-    stepper = Stepper(acc, optimizer, scheduler, params + method.extra_params(), t)
-    start_step, rollout = 0, None
-    if s.resume_from is not None:
-        start_step = stepper.restore(s.resume_from)
-        method.load(s.resume_from, stepper.restored)
-        rollout = Rollout.load(s.resume_from, acc.process_index) if start_step % updates else None
-        s.log(f"resumed from {s.resume_from} at step {start_step}/{n_steps}")
-    metrics_log = MetricsLog(s.run_dir / "metrics.jsonl", acc, keep_until_step=start_step)
-    completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
-    evaluator = _Evaluator(s, reference) if "eval" in prep.examples else None
-    if evaluator is not None and start_step == 0:
-        metrics_log.write({"step": 0, "split": "eval", **evaluator(model, base=True)})
+    rollout: Rollout | None = None  # the current batch of samples
 
-    def describe(indices: list[int]) -> str:
-        names = [examples[i].source for i in indices]
-        return "prompts " + "; ".join(names[:5]) + (f"; ... ({len(names)} in all)" if len(names) > 5 else "")
+    def restore(state: dict) -> None:  # resuming: the method's state, and the rollout of an unfinished batch
+        nonlocal rollout
+        method.load(s.resume_from, state)
+        rollout = Rollout.load(s.resume_from, acc.process_index) if state["step"] % updates else None
 
-    def save(step: int) -> Path | None:
+    def files(step: int):
         mid_batch = step % updates and rollout is not None and rollout.batch == step // updates
         # every process's rollout goes into the checkpoint (the main process writes it): collective
         rollouts = gather_object([rollout]) if mid_batch and acc.num_processes > 1 else [rollout]
@@ -157,82 +138,68 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
                 for rank, r in enumerate(rollouts):
                     r.save(folder, rank)
 
-        return save_state(
-            s.run_dir, step, acc, model, tokenizer, optimizer, scheduler, t.keep_checkpoints,
-            {**stepper.state(), **method.state()}, extra=extra,
-        )  # fmt: skip
+        return extra
 
-    bar = tqdm(
-        total=n_steps, initial=start_step, desc=cfg.method, disable=not (t.progress and acc.is_main_process)
+    h = StepHarness(
+        cfg, accelerator=acc, model=s.model, tokenizer=tokenizer, run_dir=s.run_dir, signals=s.signals,
+        n_steps=n_steps, groups=method.param_groups(params), params=params + method.extra_params(),
+        resume_from=s.resume_from, on_restore=restore, state=method.state, files=files, log=s.log,
+    )  # fmt: skip
+    model, start_step = h.model, h.start_step
+    completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
+    evaluator = _Evaluator(s, reference) if "eval" in prep.examples else None
+    if evaluator is not None and start_step == 0:
+        h.metrics_log.write({"step": 0, "split": "eval", **evaluator(model, base=True)})
+
+    def describe(indices: list[int]) -> str:
+        names = [examples[i].source for i in indices]
+        return "prompts " + "; ".join(names[:5]) + (f"; ... ({len(names)} in all)" if len(names) > 5 else "")
+
+    def body(step: int) -> dict:
+        nonlocal rollout
+        began = time.perf_counter()
+        batch_index, iteration = divmod(step, updates)
+        timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
+        if rollout is None or iteration == 0:
+            _, (indices,) = plan.step(batch_index)
+            rollout, timings = method.collect(
+                model=model, cfg=cfg, tokenizer=tokenizer, examples=examples, indices=indices,
+                rewards=prep.rewards, accelerator=acc, batch=batch_index, describe=describe,
+            )  # fmt: skip
+            started_logps = time.perf_counter()
+            with acc.autocast():
+                method.prepare(model, rollout)
+            timings["time/old_ref_logps"] = time.perf_counter() - started_logps
+        trained = time.perf_counter()
+        sums, finite = method.train_step(model, rollout, iteration)
+        outcome = h.update(
+            step, finite,
+            lambda: f"{describe(rollout.prompt_index)}. Lower the learning rate, look at the rewards",
+            then=(lambda: method.end_batch(rollout)) if iteration == updates - 1 else None,
+        )  # fmt: skip
+        now = time.perf_counter()
+        sums = sum_over_processes(acc, sums)
+        row = {"step": step + 1, "split": "train", "epoch": batch_index // plan.steps_per_epoch}
+        row.update(rollout.stats, **method.row(sums, rollout), **method.sampling_metrics)
+        method.sampling_metrics = {}
+        row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **h.stepper.metrics())
+        row["padding_share"] = 1.0 - sums["all_tokens"] / max(sums["padded_tokens"], 1.0)
+        row.update(
+            timings, **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)}
+        )
+        due = m.log_completions_every and ((step + 1) % m.log_completions_every == 0 or step == 0)
+        if due and iteration == 0:
+            completions_log.write(step + 1, rollout, examples)
+        return row
+
+    return h.run(
+        body,
+        postfix=lambda r: {"reward": f"{r['reward']:.3f}", "len": f"{r['completions/mean_length']:.1f}"},
+        evaluate=(lambda: evaluator(model)) if evaluator is not None else None,
+        on_step_end=s.on_step_end,
+        # beside model/ (PPO's value head); nothing for GRPO
+        finish=lambda: method.save(s.run_dir) if acc.is_main_process else None,
     )
-    model.train()
-    last: dict = {}
-    completed, consistent = start_step, True
-    with s.signals.deferred():
-        try:
-            for step in range(start_step, n_steps):
-                began = time.perf_counter()
-                batch_index, iteration = divmod(step, updates)
-                timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
-                if rollout is None or iteration == 0:
-                    _, (indices,) = plan.step(batch_index)
-                    rollout, timings = method.collect(
-                        model=model, cfg=cfg, tokenizer=tokenizer, examples=examples, indices=indices,
-                        rewards=prep.rewards, accelerator=acc, batch=batch_index, describe=describe,
-                    )  # fmt: skip
-                    started_logps = time.perf_counter()
-                    with acc.autocast():
-                        method.prepare(model, rollout)
-                    timings["time/old_ref_logps"] = time.perf_counter() - started_logps
-                trained = time.perf_counter()
-                sums, finite = method.train_step(model, rollout, iteration)
-                consistent = False
-                try:
-                    outcome = stepper.step(finite_loss=finite)
-                except NonFiniteError as exc:
-                    consistent = True  # nothing was applied
-                    raise NonFiniteError(
-                        f"step {step + 1}: {exc}; {describe(rollout.prompt_index)}. Lower the learning rate, look "
-                        "at the rewards, or set training.skip_nonfinite: true to skip such steps"
-                    ) from None
-                if iteration == updates - 1:
-                    method.end_batch(rollout)
-                completed, consistent = step + 1, True
-                now = time.perf_counter()
-                sums = sum_over_processes(acc, sums)
-                row = {"step": step + 1, "split": "train", "epoch": batch_index // plan.steps_per_epoch}
-                row.update(rollout.stats, **method.row(sums, rollout), **method.sampling_metrics)
-                method.sampling_metrics = {}
-                row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **stepper.metrics())
-                row["padding_share"] = 1.0 - sums["all_tokens"] / max(sums["padded_tokens"], 1.0)
-                row.update(
-                    timings,
-                    **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)},
-                )
-                last = row
-                due = m.log_completions_every and ((step + 1) % m.log_completions_every == 0 or step == 0)
-                if due and iteration == 0:
-                    completions_log.write(step + 1, rollout, examples)
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completions/mean_length']:.1f}")
-                end_of_step(
-                    step + 1, n_steps, t, row, metrics_log=metrics_log, accelerator=acc, signals=s.signals,
-                    evaluate=(lambda: evaluator(model)) if evaluator is not None else None, save=save,
-                    on_step_end=s.on_step_end,
-                )  # fmt: skip
-        except (KeyboardInterrupt, NonFiniteError, RewardError) as exc:
-            bar.close()
-            if completed > start_step:
-                stop_checkpoint(
-                    exc, consistent=consistent, accelerator=acc, save=lambda: save(completed), log=s.log
-                )
-            raise
-        bar.close()
-        if evaluator is not None:  # held until the model is saved
-            metrics_log.write({"step": n_steps, "split": "eval", **evaluator(model)})
-        if acc.is_main_process:
-            method.save(s.run_dir)  # beside model/ (PPO's value head); nothing for GRPO
-    return last
 
 
 def no_grad_logps(model, share: bool, value_head=None, *, temperature: float = 1.0):
@@ -249,17 +216,6 @@ def no_grad_logps(model, share: bool, value_head=None, *, temperature: float = 1
             return (flat,) if value_head is None else (flat, value_head(hidden[0]))
 
     return logps
-
-
-def _reference(s) -> Reference:
-    """π_ref for the KL term: adapters off under LoRA, else a frozen copy of the starting weights."""
-
-    def load_copy():
-        return load_model(s.prep.model_path, trust_remote_code=s.cfg.model.trust_remote_code)
-
-    return build_reference(
-        s.model, during_training=True, load_copy=load_copy if s.resume_from is not None else None
-    )
 
 
 def micro_batches(
@@ -413,13 +369,9 @@ class _Evaluator:
 
     def _ref(self) -> Reference:
         if self.reference is None:
-            if self.s.cfg.model.lora.enabled:
-                self.reference = Reference(self.s.model, "adapters_off")
-            else:  # no reference in training (β = 0): the starting weights, from disk, in fp32
-                cfg = self.s.cfg
-                frozen = load_model(self.s.prep.model_path, trust_remote_code=cfg.model.trust_remote_code)
-                frozen = frozen.to(self.s.accelerator.device).eval().requires_grad_(False)
-                self.reference = Reference(self.s.model, "copy", frozen)
+            # no reference in training (β = 0): made now, of the starting weights (read again from disk)
+            s = self.s
+            self.reference = setup_reference(s.model, s.cfg, s.prep.model_path, policy_trained=True)
         return self.reference
 
     @torch.no_grad()

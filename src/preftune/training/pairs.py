@@ -18,6 +18,10 @@ from ..losses import PAIR_METHODS, pair_metrics
 from .reference import Reference, pair_logps
 
 
+def pair_lengths(examples: Sequence[PairExample]) -> list[int]:
+    return [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+
+
 class PairFamily:
     """Batches and per-batch loss for the pair methods."""
 
@@ -28,6 +32,10 @@ class PairFamily:
         self.pad_token_id = pad_token_id
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> (N, 2) precomputed [chosen, rejected]
         self.reference: Reference | None = None  # run on every batch when nothing is precomputed
+
+    def lengths(self, split: str) -> list[int]:
+        """Tokens of each pair (prompt, chosen, rejected): what ``training.group_by_length`` sorts by."""
+        return pair_lengths(self.examples[split])
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         pairs = [self.examples[split][i] for i in indices]

@@ -115,7 +115,7 @@ class PPO(OnlineMethod):
         """π_old's log-probs and values, π_ref's log-probs, KL-shaped rewards, GAE, whitened advantages; the
         batch's statistics over every process."""
         s, p, t = self.s, self.s.cfg.ppo, self.s.cfg.training
-        acc, G = s.accelerator, p.samples_per_prompt
+        acc, G = s.accelerator, p.completions_per_prompt
         pad, width, nograd = (
             s.prep.tokenizer.pad_token_id,
             s.cfg.generation.max_new_tokens,
@@ -194,7 +194,7 @@ class PPO(OnlineMethod):
         epoch), split into ``ppo.minibatches`` parts; each prompt's completions stay together."""
         s, p = self.s, self.s.cfg.ppo
         epoch, part = divmod(iteration, p.minibatches)
-        n_groups, G = len(rollout.prompt_index), p.samples_per_prompt
+        n_groups, G = len(rollout.prompt_index), p.completions_per_prompt
         seed = derive_seed(
             s.cfg.training.seed, "ppo-minibatches", rollout.batch, epoch, s.accelerator.process_index
         )

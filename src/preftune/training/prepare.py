@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ONLINE_METHODS, ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import (
     DataError,
     PairExample,
@@ -27,7 +27,7 @@ from ..data import (
     validate_unpaired_rows,
 )
 from ..data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
-from ..losses import UNPAIRED_METHODS, OffsetDomainError, odpo_offset
+from ..losses import OffsetDomainError, odpo_offset
 from ..models import load_tokenizer, resolve_model_path
 from ..rewards import RewardFunction, load_reward
 from .loop import StepPlan, total_steps
@@ -48,8 +48,9 @@ class Prepared:
         plan = StepPlan(
             len(self.examples["train"]), t.batch_size, t.grad_accum, t.seed, num_processes
         )  # no sort needed
-        per_step = "records_per_step" if self.cfg.method in UNPAIRED_METHODS else "pairs_per_step"
-        if self.cfg.method in UNPAIRED_METHODS:  # records, not pairs
+        unpaired = self.cfg.method_config.kind == "unpaired"
+        per_step = "records_per_step" if unpaired else "pairs_per_step"
+        if unpaired:  # records, not pairs
             train = self.examples["train"]
             counts = {
                 "train_records": len(train),
@@ -96,27 +97,18 @@ class PreparedPrompts:
         sampled in it, and since every epoch reshuffles all n prompts they join the next epoch's order (which
         prompts wait changes from epoch to epoch). A short batch would leave a process without prompts (its
         collectives out of step with the others') or a PPO minibatch empty (an optimizer step on nothing)."""
-        m, name = self.cfg.method_config, self.cfg.method
-        per_batch = m.prompts_per_batch
-        key = batch_key(name)
+        per_batch = self.cfg.method_config.prompts_per_batch
         check_batch_fits(self.cfg, len(self.examples["train"]))
-        if per_batch % num_processes:
-            raise ConfigError(
-                f"{name}.{key} ({per_batch}) must be a multiple of the number of processes "
-                f"({num_processes}): each process samples whole groups"
-            )
-        if name == "ppo" and (per_batch // num_processes) % m.minibatches:
-            raise ConfigError(
-                f"ppo.prompts_per_batch ({per_batch}) must be a multiple of ppo.minibatches × processes "
-                f"({m.minibatches} × {num_processes}): every process splits its prompts into the minibatches"
-            )
+        for ok, message in self.cfg.method_config.processes_checks(num_processes):
+            if not ok:
+                raise ConfigError(message)
         per_rank = per_batch // num_processes
         n = len(self.examples["train"])
         return StepPlan(n, per_rank, 1, self.cfg.training.seed, num_processes, rank, drop_last=True)
 
     def total_steps(self, num_processes: int = 1) -> int:
         """Optimizer steps: training.max_steps, or epochs × the full batches of an epoch
-        (⌊n / prompts_per_batch⌋) × the updates per batch of samples (grpo.iterations; ppo.epochs ×
+        (⌊n / prompts_per_batch⌋) × the updates per batch of samples (grpo.updates_per_batch; ppo.epochs ×
         ppo.minibatches)."""
         t, m = self.cfg.training, self.cfg.method_config
         return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * m.updates_per_batch
@@ -137,22 +129,17 @@ class PreparedPrompts:
             "completions_per_batch": m.prompts_per_batch * m.completions_per_prompt,
             "optimizer_steps_per_batch": m.updates_per_batch,
             "reference": "none (beta = 0)"
-            if m.beta == 0
+            if not m.uses_reference()
             else "adapters disabled"
             if self.cfg.model.lora.enabled
             else "frozen copy",
         }
 
 
-def batch_key(method: str) -> str:
-    """The config key of an online method's prompts per batch of samples."""
-    return "prompts_per_step" if method == "grpo" else "prompts_per_batch"
-
-
 def check_batch_fits(cfg: TrainConfig, n_prompts: int) -> None:
     """A batch of samples takes prompts_per_batch distinct prompts and is never short: refuse more prompts
     per batch than there are training prompts."""
-    per_batch, key = cfg.method_config.prompts_per_batch, f"{cfg.method}.{batch_key(cfg.method)}"
+    per_batch, key = cfg.method_config.prompts_per_batch, f"{cfg.method}.prompts_per_batch"
     if per_batch > n_prompts:
         raise ConfigError(
             f"{key} ({per_batch}) is larger than the number of training prompts ({n_prompts}, "
@@ -288,12 +275,11 @@ def _unpaired(prep: Prepared, rows: dict[str, list[dict]] | None, log=print) -> 
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
     """Load and check all data and the tokenizer; raise before training on anything bad."""
-    if cfg.method in ONLINE_METHODS:
+    kind = cfg.method_config.kind
+    if kind == "online":
         return prepare_prompts(cfg, log)
     rows = _load_split_rows(cfg, log)
-    if cfg.method in UNPAIRED_METHODS and is_unpaired(
-        [r for split_rows_ in rows.values() for r in split_rows_]
-    ):
+    if kind == "unpaired" and is_unpaired([r for split_rows_ in rows.values() for r in split_rows_]):
         for split, split_rows_ in rows.items():
             if not split_rows_:
                 raise DataError(
@@ -308,10 +294,12 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
-        has_margin = cfg.method == "reward_model" and cfg.reward_model.use_margin
+        has_margin = kind == "reward_model" and cfg.method_config.use_margin
         has_margin = has_margin and any(r.get("margin") is not None for r in split_rows_)
         # a margin in some rows only would be used in some batches only: all rows or none
-        validate_rows(split_rows_, require_scores=cfg.method == "odpo", require_margin=has_margin)
+        validate_rows(
+            split_rows_, require_scores=cfg.method_config.requires_scores, require_margin=has_margin
+        )
     model_path = resolve_model_path(cfg.model.name_or_path, log)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     examples, stats = {}, {}
@@ -335,7 +323,7 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
         _check_vocabulary(
             examples[split], vocab_size(model_path, tokenizer, cfg.model.trust_remote_code), split
         )
-        if cfg.method == "odpo":
+        if cfg.method_config.requires_scores:
             _check_odpo_scores(cfg, examples[split], split)
     prep = Prepared(cfg, model_path, tokenizer, examples, stats)
-    return _unpaired(prep, None, log) if cfg.method in UNPAIRED_METHODS else prep
+    return _unpaired(prep, None, log) if kind == "unpaired" else prep

@@ -22,25 +22,36 @@ from pathlib import Path
 
 import torch
 
-from ..config import ONLINE_METHODS, TrainConfig
+from ..config import METHOD_SECTIONS, TrainConfig
 from ..data import PairExample
 from ..files import save_safetensors_atomic
 from ..logprobs import pair_sequence_logps, sequence_logps, shared_prefix_logps, token_logps
-from ..losses import PAIR_METHODS, UNPAIRED_METHODS
-from ..models import is_peft, unwrap_model
+from ..models import is_peft, load_model, unwrap_model
+from .sharding import is_sharded, shard_like
 
 KINDS = ("adapters_off", "copy", "initial")
 
 
-def needs_reference(cfg: TrainConfig) -> bool:
-    """Whether the method of ``cfg`` uses π_ref at all (the one place this is decided)."""
-    if cfg.method in PAIR_METHODS:
-        return not PAIR_METHODS[cfg.method].reference_free
-    if cfg.method in UNPAIRED_METHODS:  # kto: r = log π_θ − log π_ref
-        return True
-    if cfg.method in ONLINE_METHODS:
-        return cfg.method_config.beta > 0  # the KL term; at β = 0 no reference is loaded or run
-    return False  # reward_model
+def uses_reference(cfg: TrainConfig) -> bool:
+    """Whether the method of ``cfg`` uses π_ref at all: the method's section says (the one place this is
+    decided); a method the registry does not know is an error, not a silent "no"."""
+    if cfg.method not in METHOD_SECTIONS or not isinstance(cfg.method_config, METHOD_SECTIONS[cfg.method]):
+        raise ValueError(f"unknown method {cfg.method!r}: not one of {', '.join(METHOD_SECTIONS)}")
+    return cfg.method_config.uses_reference()
+
+
+def setup_reference(policy, cfg: TrainConfig, model_path: str, *, policy_trained: bool) -> Reference:
+    """π_ref for a run whose reference runs while the policy trains (pair methods without precomputed
+    log-probs, KTO, online methods at β > 0, the online evaluator): adapters off under LoRA, else a frozen
+    fp32 copy — of the policy as it is, or, once ``policy_trained`` (resumed, or evaluated after steps), of the
+    starting weights read again from ``model_path``. The one way every trainer and evaluator builds it."""
+
+    def load_copy():
+        return load_model(model_path, trust_remote_code=cfg.model.trust_remote_code)
+
+    # a sharded policy cannot be deep-copied: its copy is read again from model_path and sharded alike
+    fresh = policy_trained or is_sharded(policy)
+    return build_reference(policy, during_training=True, load_copy=load_copy if fresh else None)
 
 
 class Reference:
@@ -117,6 +128,8 @@ def build_reference(policy, *, during_training: bool, load_copy: Callable[[], to
         return Reference(policy, "initial")
     frozen = load_copy() if load_copy is not None else copy.deepcopy(unwrap_model(policy))
     frozen = frozen.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
+    if is_sharded(policy):  # training.sharding: fsdp: π_ref sharded like the policy, same compute precision
+        frozen = shard_like(frozen, policy)
     return Reference(policy, "copy", frozen.eval().requires_grad_(False))
 
 

@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..data import PairExample, collate_pairs
 from ..losses import bradley_terry_loss, pair_metrics
 from ..models import device_of, to_device
+from .pairs import pair_lengths
 
 
 def strip_eos(example: PairExample, eos_id: int) -> PairExample:
@@ -35,6 +36,9 @@ class RewardModelFamily:
         self.cfg = cfg
         self.examples = {k: [strip_eos(e, eos_id) for e in v] for k, v in examples.items()}
         self.pad_token_id = pad_token_id
+
+    def lengths(self, split: str) -> list[int]:
+        return pair_lengths(self.examples[split])
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         return collate_pairs([self.examples[split][i] for i in indices], self.pad_token_id)

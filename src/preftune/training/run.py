@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, dump_yaml, load_config
+from ..config import METHOD_SECTIONS, TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
-from ..losses import PAIR_METHODS, UNPAIRED_METHODS
 from ..models import add_lora, load_model, save_model
+from .checkpoint import latest_checkpoint
 from .engine import (
     check_mixed_precision,
     finite_or_none,
@@ -36,13 +36,15 @@ from .prepare import Prepared, PreparedPrompts, prepare
 from .reference import (
     build_reference,
     load_pair_logps,
-    needs_reference,
     pair_reference_logps,
     reference_cache_file,
     save_pair_logps,
+    setup_reference,
+    uses_reference,
 )
 from .reward_model import RewardModelFamily
 from .rundir import RunDirError, check_run_dir, create_run_dir
+from .sharding import SHARDED_DIR, is_sharded, save_full, shard_model
 from .signals import StopSignals, stop_signals
 
 __all__ = ["Prepared", "RunDirError", "TRAINERS", "prepare", "train", "validate"]
@@ -62,7 +64,7 @@ class Session:
     log: Callable
     signals: StopSignals
     on_step_end: Callable[[int, dict], None] | None = None
-    ref_logps_file: Path | None = None
+    ref_cache_dir: Path | None = None
 
 
 def _fit_offline(s: Session, family) -> dict:
@@ -92,16 +94,14 @@ def _fit_offline(s: Session, family) -> dict:
         on_step_end=s.on_step_end,
         signals=s.signals,
         describe=lambda idx: [train_examples[i].source for i in idx],
-        lengths=family.lengths("train")
-        if hasattr(family, "lengths")
-        else [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in train_examples],
+        lengths=family.lengths("train"),
         log=s.log,
     )
 
 
 def train_pairs(s: Session) -> dict:
     family = PairFamily(s.cfg, s.prep.examples, s.prep.tokenizer.pad_token_id)
-    if needs_reference(s.cfg):
+    if uses_reference(s.cfg):
         _setup_pair_reference(s, family)
     s.accelerator.wait_for_everyone()  # every process has read or computed the reference before it is written
     return _fit_offline(s, family)
@@ -113,11 +113,8 @@ def train_unpaired(s: Session) -> dict:
         s.cfg, s.prep.examples, s.prep.tokenizer.pad_token_id, lambda v: sum_over_processes(s.accelerator, v)
     )
 
-    def load_copy():  # resuming full fine-tuning: the policy is no longer the starting model
-        return load_model(s.prep.model_path, trust_remote_code=s.cfg.model.trust_remote_code)
-
-    family.reference = build_reference(
-        s.model, during_training=True, load_copy=load_copy if s.resume_from is not None else None
+    family.reference = setup_reference(
+        s.model, s.cfg, s.prep.model_path, policy_trained=s.resume_from is not None
     )
     if s.cfg.training.precompute_ref:
         s.log(
@@ -132,10 +129,11 @@ def train_reward_model(s: Session) -> dict:
     return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
 
 
-# method -> its trainer: the family it batches with and the loop it runs
+# method -> its trainer: the family it batches with and the loop it runs (every method of
+# config.METHOD_SECTIONS; tests/test_registry.py checks that the two tables and the docs agree)
 TRAINERS: dict[str, Callable[[Session], dict]] = {
-    **dict.fromkeys(PAIR_METHODS, train_pairs),
-    **dict.fromkeys(UNPAIRED_METHODS, train_unpaired),
+    **{name: train_pairs for name, section in METHOD_SECTIONS.items() if section.kind == "pair"},
+    "kto": train_unpaired,
     "reward_model": train_reward_model,
     "grpo": train_grpo,
     "ppo": train_ppo,
@@ -144,9 +142,17 @@ TRAINERS: dict[str, Callable[[Session], dict]] = {
 
 
 def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
-    is_rm = cfg.method == "reward_model"
+    is_rm = cfg.method_config.kind == "reward_model"
     source = prep.model_path
-    if resume_from is not None and not cfg.model.lora.enabled:
+    # a sharded checkpoint holds its weights as shards: the starting model is built, then they are loaded
+    sharded_resume = resume_from is not None and cfg.training.sharding == "fsdp"
+    if resume_from is not None and (resume_from / SHARDED_DIR).is_dir() != sharded_resume:
+        written = "with" if (resume_from / SHARDED_DIR).is_dir() else "without"
+        raise RunDirError(
+            f"--resume: {resume_from} was written {written} training.sharding: fsdp, and this run has "
+            f"training.sharding: {cfg.training.sharding}; resume with the sharding it was written with"
+        )
+    if resume_from is not None and not cfg.model.lora.enabled and not sharded_resume:
         source = str(resume_from / "model")
     model = load_model(
         source,
@@ -158,7 +164,7 @@ def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
     )
     if cfg.model.lora.enabled:
         task = "SEQ_CLS" if is_rm else "CAUSAL_LM"
-        if resume_from is not None:
+        if resume_from is not None and not sharded_resume:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, resume_from / "model", is_trainable=True)
@@ -178,23 +184,40 @@ def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
     return model
 
 
+def _load_adapter(cfg: TrainConfig, prep: Prepared, folder: Path):
+    """The LoRA adapter saved in ``folder`` on a fresh copy of the starting model (merging a sharded run)."""
+    from peft import PeftModel
+
+    base = load_model(
+        prep.model_path,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        sequence_classification=cfg.method_config.kind == "reward_model",
+        pad_token_id=prep.tokenizer.pad_token_id,
+    )
+    return PeftModel.from_pretrained(base, folder)
+
+
 def train(
     config: TrainConfig | dict | str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     allow_changes: Iterable[str] = (),
     on_step_end: Callable[[int, dict], None] | None = None,
-    ref_logps_file: Path | None = None,
+    ref_cache_dir: str | Path | None = None,
     log=print,
 ) -> Path:
     """Train per ``config`` (a :class:`TrainConfig`, a dict or a YAML path); returns the run directory (final
     model in ``<run_dir>/model``).
 
     ``resume``: continue from the run directory's latest checkpoint; the config must equal the interrupted
-    run's except for the keys named in ``allow_changes`` (``"training.max_steps"``, ...).
-    ``ref_logps_file``: reference log-probs already computed for exactly this data and starting model
-    (the experiment shares one across its runs); it is copied into the run directory and used as is.
+    run's except for the keys named in ``allow_changes`` (``"training.max_steps"``, ...). ``"auto"``: return
+    a finished run (``model/`` and ``result.json`` there) as it is, resume one with a complete checkpoint,
+    and otherwise start afresh, replacing whatever an interrupted start left in the run directory.
+    ``ref_cache_dir``: where the precomputed reference log-probs are cached across runs (the content-addressed
+    files of :func:`~preftune.training.reference.reference_cache_file`) instead of ``$PREFTUNE_REF_CACHE`` or
+    the user's cache; the experiment points it at its own folder, so its runs on one set of pairs share them.
     Ctrl-C and SIGTERM stop the run after the current step with a checkpoint of it (``signals.py``); one
     during the final evaluation and save is held until the model is written, then raised.
     """
@@ -202,6 +225,15 @@ def train(
 
     cfg = load_config(config)
     trainer = TRAINERS[cfg.method]
+    if resume == "auto":
+        run_dir = Path(cfg.training.output_dir)
+        if (run_dir / "result.json").is_file() and (run_dir / "model").is_dir():
+            log(f"{run_dir} is complete (model/ and result.json are there): nothing to train")
+            return run_dir
+        resume = latest_checkpoint(run_dir) is not None
+        overwrite = overwrite or not resume
+    elif not isinstance(resume, bool):
+        raise ValueError(f"train: resume must be True, False or 'auto', got {resume!r}")
     limit_heap_growth()
     with stop_signals() as signals:
         prep = prepare(cfg, log)
@@ -224,17 +256,25 @@ def train(
         if cfg.training.report_to:
             accelerator.init_trackers(run_dir.name, config=tracker_config(cfg.to_dict()))
         model = _build_model(cfg, prep, resume_from).to(accelerator.device)
+        if cfg.training.sharding == "fsdp":  # parameters, gradients and optimizer state split over processes
+            model = shard_model(model, cfg.training, accelerator.device)
+        cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
         session = Session(
-            cfg, prep, accelerator, run_dir, model, resume_from, log, signals, on_step_end, ref_logps_file
+            cfg, prep, accelerator, run_dir, model, resume_from, log, signals, on_step_end, cache_dir
         )
         started = time.time()
         last = trainer(session)
         with signals.deferred():  # the final save completes whatever arrives meanwhile
             accelerator.wait_for_everyone()
+            if is_sharded(model):  # gathered on the main process, one parameter at a time (collective)
+                save_full(model, prep.tokenizer, run_dir / "model", is_main=accelerator.is_main_process)
             if accelerator.is_main_process:
                 final = accelerator.unwrap_model(model)
-                save_model(final, prep.tokenizer, run_dir / "model")
+                if not is_sharded(model):
+                    save_model(final, prep.tokenizer, run_dir / "model")
                 if cfg.model.lora.enabled and cfg.model.lora.merge:
+                    if is_sharded(model):  # the saved adapter onto the starting base, in this process
+                        final = _load_adapter(cfg, prep, run_dir / "model")
                     save_model(final, prep.tokenizer, run_dir / "model_merged", merge_lora=True)
                 result = {
                     "final_train_metrics": finite_or_none(last),  # NaN explained variance: constant returns
@@ -254,32 +294,23 @@ def train(
 
 
 def _setup_pair_reference(s: Session, family: PairFamily) -> None:
-    """Precomputed reference log-probs (cached in the run dir for resume, or handed over by the caller), or
-    a reference that runs on every batch."""
+    """Precomputed reference log-probs (cached in the run dir for resume, and across runs in the shared cache,
+    ``s.ref_cache_dir`` when the caller gives one), or a reference that runs on every batch."""
     cfg, prep = s.cfg, s.prep
     if not cfg.training.precompute_ref:
-
-        def load_copy():  # resuming full fine-tuning: the policy is no longer the starting model
-            return load_model(prep.model_path, trust_remote_code=cfg.model.trust_remote_code)
-
-        family.reference = build_reference(
-            s.model,
-            during_training=True,
-            load_copy=load_copy if s.resume_from is not None else None,
+        family.reference = setup_reference(
+            s.model, cfg, prep.model_path, policy_trained=s.resume_from is not None
         )
         return
     cache = s.run_dir / "ref_logps.safetensors"
-    if s.ref_logps_file is not None and s.resume_from is None:
-        family.ref_logps = load_pair_logps(s.ref_logps_file, prep.examples)
-        if s.accelerator.is_main_process:
-            save_pair_logps(cache, family.ref_logps)
-        return
     if cache.is_file():
         family.ref_logps = load_pair_logps(cache, prep.examples)
         return
     if s.resume_from is not None and not cfg.model.lora.enabled:
         raise RuntimeError(f"{cache} is missing: cannot rebuild reference log-probs from a trained policy")
     shared = reference_cache_file(cfg, prep.model_path, prep.examples) if cfg.training.ref_cache else None
+    if shared is not None and s.ref_cache_dir is not None:
+        shared = s.ref_cache_dir / shared.name
     if shared is not None and shared.is_file():  # computed by an earlier run on the same data and model
         family.ref_logps = load_pair_logps(shared, prep.examples)
         if s.accelerator.is_main_process:
@@ -299,14 +330,19 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
         if shared is not None:
             save_pair_logps(shared, family.ref_logps)
         n = sum(len(v) for v in prep.examples.values())
-        s.log(f"reference log-probs for {n} pairs in {time.time() - started:.1f}s (cached in {cache})")
+        where = f"{cache}" + (f" and {shared}" if shared is not None else "")
+        seconds = time.time() - started
+        s.log(f"reference log-probs for {n} pairs computed in {seconds:.1f}s (cached in {where})")
 
 
 def validate(
     config: TrainConfig | dict | str | Path, *, load_weights: bool = True, num_processes: int = 1, log=print
 ) -> dict:
     """Everything ``train`` checks, without training: returns the summary that would be trained with
-    ``num_processes`` processes."""
+    ``num_processes`` processes, with the model (``load_weights``) also its ``memory_plan`` per process
+    (:func:`preftune.training.memory.plan_run`, bytes)."""
+    from .memory import plan_run
+
     cfg = load_config(config)
     check_mixed_precision(cfg.training)
     prep = prepare(cfg, log)
@@ -317,11 +353,12 @@ def validate(
         summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary["reference"] = summary.get("reference") or (
             "none"
-            if not needs_reference(cfg)
+            if not uses_reference(cfg)
             else "adapters disabled"
             if cfg.model.lora.enabled
             else "precomputed"
             if cfg.training.precompute_ref
             else "frozen copy"
         )
+        summary["memory_plan"] = plan_run(cfg, prep, model, num_processes).to_dict()
     return summary

@@ -1,5 +1,10 @@
 """The run directory: refuse to overwrite it silently, create it, and check that a resumed run replays the
-interrupted run's settings."""
+interrupted run's settings.
+
+A run directory may move (to a bigger disk after a failed write, to another node): ``training.output_dir``
+says where the run lives now, it is not a setting to replay, so ``--resume`` continues the run where it is
+found and the rewritten ``config.yaml`` names its new place. Nothing inside the run directory records its
+own path (checkpoints, metrics and the reference cache are addressed relative to it)."""
 
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ _RESUMABLE_KEYS = {
     "skip_nonfinite",
     "ref_cache",
 }
+# where the run lives, not how it trains: a moved run directory resumes where it now is
+_LOCATION_KEYS = {"training.output_dir"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -79,6 +86,7 @@ def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[st
 
     Changing the length (``max_steps``, ``epochs``) or the schedule changes the learning rate of every
     remaining step, so it is refused unless the key is named in ``allow`` (``--allow-change KEY``).
+    ``training.output_dir`` may always differ: the run directory was moved.
     """
     import yaml
 
@@ -90,7 +98,7 @@ def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[st
         raise RunDirError(
             f"--allow-change: unknown key(s) {', '.join(unknown)} (use dotted keys: training.max_steps)"
         )
-    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS} | set(allow)
+    ignore = {f"training.{key}" for key in _RESUMABLE_KEYS} | _LOCATION_KEYS | set(allow)
     diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if diff:
         changes = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff)
