@@ -120,17 +120,13 @@ def activation_point(pairs: int, prompt: int, response: int, checkpointing: bool
     import torch
 
     from preftune.logprobs import shared_prefix_logps
-    from preftune.models import embedded_model_dir, load_model
+    from preftune.models import embedded_model_dir, enable_gradient_checkpointing, load_model
     from preftune.training.engine import limit_heap_growth
 
     limit_heap_growth()
     model = load_model(str(embedded_model_dir()))
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; then 4.x's
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     prompts = [[5 + i] * prompt for i in range(pairs)]
     groups = [[[7] * response, [9] * response] for _ in range(pairs)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from preftune.models import enable_gradient_checkpointing
 from preftune.training.memory import (
     BASELINE_BYTES,
     CHECKPOINT_HIDDEN,
@@ -108,11 +109,7 @@ def _saved_bytes(layers: int, checkpointing: bool, tokens: tuple[int, int] = (2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     model = LlamaForCausalLM(config).train()
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; then 4.x's
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 

@@ -185,6 +185,16 @@ def unwrap_model(model):
             return model
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward (train mode only), non-reentrant: transformers 5's
+    ``activation_checkpointing_enable``, else 4.x's ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def is_peft(model) -> bool:
     """True for a PEFT (LoRA) model, also seen through DDP or compile wrappers."""
     model = unwrap_model(model)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import METHOD_SECTIONS, TrainConfig, dump_yaml, load_config
 from ..files import write_json_atomic, write_text_atomic
-from ..models import add_lora, load_model, save_model
+from ..models import add_lora, enable_gradient_checkpointing, load_model, save_model
 from .checkpoint import latest_checkpoint
 from .engine import (
     check_mixed_precision,
@@ -171,11 +171,7 @@ def _build_model(cfg: TrainConfig, prep: Prepared, resume_from: Path | None):
         else:
             model = add_lora(model, cfg.model.lora, task_type=task)
     if cfg.training.gradient_checkpointing:  # activations recomputed in the backward (train mode only)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     # trained weights are fp32 master weights (LoRA adapters, a reward head kept trainable under LoRA);
     # half precision is storage for frozen weights only, and compute precision is training.mixed_precision
     for param in model.parameters():
