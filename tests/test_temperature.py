@@ -109,14 +109,6 @@ def tempered(model, prompt: list[int], completion: list[int]) -> tuple[torch.Ten
     return picked, -(logp.exp() * logp).sum(-1)
 
 
-def unpadded(batch_ids, attention, response):
-    """(prompt, completion) token lists of one row of a packed batch."""
-    keep = attention.bool()
-    ids, resp = batch_ids[keep].tolist(), response[keep].tolist()
-    first = resp.index(True)
-    return ids[:first], ids[first:]
-
-
 @pytest.mark.parametrize("head", ["plain", "chunked"])
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_training_log_probs_are_log_softmax_over_temperature(
@@ -127,8 +119,8 @@ def test_training_log_probs_are_log_softmax_over_temperature(
     first update; the final model's for the evaluation after it)."""
     import importlib
 
+    import preftune.heldout as heldout
     import preftune.logprobs as logprobs
-    import preftune.training.online as online
     from preftune.training.reference import Reference
 
     module = importlib.import_module(f"preftune.training.{method}")
@@ -149,21 +141,21 @@ def test_training_log_probs_are_log_softmax_over_temperature(
             yield mb
 
     monkeypatch.setattr(module, "micro_batches", spy_micro)
-    evaluated = {"policy": [], "ref": []}
-    real_seq, real_ref_seq = online.sequence_logps, Reference.sequence_logps
+    evaluated = {"policy": [], "ref": []}  # the held-out evaluator's (prompts, groups, sums) of each pass
+    real_groups, real_ref_groups = heldout.score_groups, Reference.score_groups
 
-    def spy_seq(net, *keys, **kw):
-        out = real_seq(net, *keys, **kw)
-        evaluated["policy"].append((keys, out[0]))
+    def spy_groups(net, prompts, groups, **kw):
+        out = real_groups(net, prompts, groups, **kw)
+        evaluated["policy"].append((prompts, groups, out[0]))
         return out
 
-    def spy_ref_seq(self, *keys, **kw):
-        out = real_ref_seq(self, *keys, **kw)
-        evaluated["ref"].append((keys, out))
+    def spy_ref_groups(self, prompts, groups, **kw):
+        out = real_ref_groups(self, prompts, groups, **kw)
+        evaluated["ref"].append((prompts, groups, out))
         return out
 
-    monkeypatch.setattr(online, "sequence_logps", spy_seq)
-    monkeypatch.setattr(Reference, "sequence_logps", spy_ref_seq)
+    monkeypatch.setattr(heldout, "score_groups", spy_groups)
+    monkeypatch.setattr(Reference, "score_groups", spy_ref_groups)
     sections = {"data": {"eval_fraction": 0.2}, "training": {"max_steps": 1}}
     if method == "ppo" and head == "plain":
         sections["ppo"] = {"entropy_coef": 0.01}  # the differentiated entropy (never the chunked head)
@@ -191,11 +183,12 @@ def test_training_log_probs_are_log_softmax_over_temperature(
     final = transformers_model(run / "model")
     assert evaluated["policy"] and evaluated["ref"]
     for kind, model in (("policy", final), ("ref", start)):
-        for keys, sums in evaluated[kind]:
-            for r in range(keys[0].shape[0]):
-                prompt, completion = unpadded(keys[0][r], keys[1][r], keys[2][r])
+        for prompts, groups, sums in evaluated[kind]:
+            flat = [(list(p), list(c)) for p, group in zip(prompts, groups) for c in group]
+            assert len(flat) == len(sums)
+            for (prompt, completion), got in zip(flat, sums.tolist()):
                 expected = float(tempered(model, prompt, completion)[0].sum())
-                assert float(sums[r]) == pytest.approx(expected, abs=1e-4), kind
+                assert got == pytest.approx(expected, abs=1e-4), kind
     assert rows(run, "eval")[-1]["kl"] != 0.0  # the final policy moved (its KL is of the tempered π's)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .config import GenerationConfig
 from .data import load_rows, validate_prompt_rows
-from .models import default_device, load_for_inference, load_tokenizer, resolve_trained
-from .rewards import load_reward, score_all
+from .models import load_for_inference, load_tokenizer, resolve_trained
+from .rewards import load_reward, process_device, score_all
 from .sampling import sample_responses
 
 
@@ -44,7 +44,7 @@ def generate(
     rows = rows[:limit] if limit else rows
     path = resolve_trained(model, log)
     tokenizer = load_tokenizer(path)
-    net = load_for_inference(path).to(default_device()).eval()
+    net = load_for_inference(path).to(process_device()).eval()
     samples = sample_responses(
         net, tokenizer, [r["prompt"] for r in rows], k=n, seed=seed, progress=False,
         max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size,

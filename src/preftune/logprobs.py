@@ -410,10 +410,12 @@ def score_groups(
     *,
     pad_token_id: int,
     batch_size: int = 16,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) and |y| of every completion of ``groups[i]`` after ``prompts[i]``, each prompt encoded once
     for its group (:func:`shared_prefix_logps`); groups of about ``batch_size`` completions at a time, shortest
-    first (less padding). Returns (sums (C,) fp32, lengths (C,) long) on CPU, completions in input order."""
+    first (less padding); π = softmax(z/T) at ``temperature`` T. Returns (sums (C,) fp32, lengths (C,) long)
+    on CPU, completions in input order."""
     first = [0]  # each group's first completion in the flat output
     for group in groups:
         first.append(first[-1] + len(group))
@@ -428,7 +430,7 @@ def score_groups(
             continue
         chunk_groups = [groups[k] for k in chunk]
         logps, completion, _ = shared_prefix_logps(
-            model, [prompts[k] for k in chunk], chunk_groups, pad_token_id
+            model, [prompts[k] for k in chunk], chunk_groups, pad_token_id, temperature=temperature
         )
         owners = [i for k in chunk for i in range(first[k], first[k + 1])]
         local = torch.zeros(len(owners), dtype=torch.float32, device=logps.device).index_add(

@@ -1,12 +1,18 @@
 """What every stage of the experiment shares: the config, the folder, the model, tokenizer and reward, and
-the cached-stage helpers (:mod:`.stages`) with the code version added to every stage's inputs."""
+the cached-stage helpers (:mod:`.stages`) with the code version added to every stage's inputs.
+
+Device and precision follow the training runs' policy, decided in one place: the process's device
+(:func:`preftune.rewards.process_device`, accelerate's when it is set up) and the autocast of
+``train.mixed_precision`` (:func:`preftune.models.autocast`, what accelerate enters in training) over the
+weights as loaded, for sampling, the reference and the evaluation passes alike."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..models import default_device, load_model, load_tokenizer, resolve_model_path
-from ..rewards import load_reward
+from ..models import autocast, load_model, load_tokenizer, resolve_model_path
+from ..rewards import load_reward, process_device
+from ..training.reference import Reference
 from .config import ExperimentConfig
 from .fingerprints import code_fingerprint, folder_fingerprint, reward_fingerprint
 from .stages import read_stage, run_stage
@@ -25,7 +31,8 @@ class Context:
         # loaded now: a missing module, function or reward-model folder is an error before any sampling
         self.reward = load_reward(cfg.reward)
         self.reward_id = reward_fingerprint(cfg.reward)
-        self.device = default_device()
+        self.device = process_device()
+        self.mixed_precision = cfg.train.get("mixed_precision", "no")
         self._base = None
 
     @property
@@ -33,6 +40,15 @@ class Context:
         if self._base is None:
             self._base = load_model(self.model_path, dtype=self.cfg.dtype).to(self.device).eval()
         return self._base
+
+    @property
+    def reference(self) -> Reference:
+        """π_ref for the evaluations' KL: the base model itself (never trained here)."""
+        return Reference(self.base, "initial")
+
+    def compute(self):
+        """The autocast context every forward pass of the experiment runs in (training's policy)."""
+        return autocast(self.mixed_precision, self.device)
 
     def read(self, name: str) -> dict:
         """stage.json of a stage; nested names (``train/dpo-beta0.1``) live in sub-folders."""

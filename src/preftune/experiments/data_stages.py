@@ -48,9 +48,10 @@ def sample_and_score(ctx: Context, model, prompts: list[str], out: Path, *, k: i
     """``k`` samples per prompt from ``model`` (generation settings ``sc``), scored by the experiment's reward,
     written to ``out/samples.jsonl`` (one record per prompt: texts, token ids, scores); returns a summary."""
     started = time.time()
-    samples = sample_responses(
-        model, ctx.tokenizer, prompts, k=k, **generation_kwargs(sc), seed=seed, progress=ctx.cfg.progress
-    )
+    with ctx.compute():
+        samples = sample_responses(
+            model, ctx.tokenizer, prompts, k=k, **generation_kwargs(sc), seed=seed, progress=ctx.cfg.progress
+        )
     flat_prompts, flat_responses = samples.flat()
     scores = ctx.reward(flat_prompts, flat_responses, samples.flat_ids())
     if None in scores:

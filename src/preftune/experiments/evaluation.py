@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import heldout
 from .. import metrics as M
 from ..files import read_jsonl, write_json_atomic
 from ..logprobs import score_groups
@@ -35,20 +36,22 @@ def evaluate_model(
     summary = sample_and_score(ctx, model, ctx.prompts(split), out, k=ec.samples_per_prompt, sc=ec, seed=seed)
     records = read_jsonl(out / "samples.jsonl")
     rewards = [s for r in records for s in r["scores"]]
-    clusters = [i for i, r in enumerate(records) for _ in r["response_ids"]]  # samples of one prompt
-    pad, bs = ctx.tokenizer.pad_token_id, ec.logp_batch_size
-    summary.update(dict(zip(("reward_mean", "reward_se"), M.mean_and_se(rewards, clusters))))
-    if model is ctx.base:  # log π_θ − log π_ref is 0 for every sample: no forward pass needed
-        summary.update(kl_mean=0.0, kl_se=0.0)
-        log_ratios = [0.0] * len(rewards)
-    else:
-        # each prompt encoded once for its samples
-        ids, groups = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
-        policy_logps, _ = score_groups(model, ids, groups, pad_token_id=pad, batch_size=bs)
-        ref_logps, _ = score_groups(ctx.base, ids, groups, pad_token_id=pad, batch_size=bs)
-        kl = M.sequence_kl(policy_logps.tolist(), ref_logps.tolist(), clusters)
-        log_ratios = [a - b for a, b in zip(policy_logps.tolist(), ref_logps.tolist())]
-        summary.update(kl_mean=kl[0], kl_se=kl[1])
+    ids, groups = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
+    ratios = None  # the base model is π_ref: log π_θ − log π_ref is 0 for every sample, no forward pass
+    if model is not ctx.base:
+        with ctx.compute():
+            ratios = heldout.log_ratios(
+                model, ctx.reference, ids, groups, pad_token_id=ctx.tokenizer.pad_token_id,
+                batch_size=ec.logp_batch_size, temperature=ec.temperature,
+            )  # fmt: skip
+    numbers = heldout.summary(rewards, heldout.clusters_of(groups), ratios)
+    summary.update(
+        reward_mean=numbers["reward"],
+        reward_se=numbers["reward_se"],
+        kl_mean=numbers["kl"],
+        kl_se=numbers["kl_se"],
+    )
+    log_ratios = ratios if ratios is not None else [0.0] * len(rewards)
     if held_pairs:
         summary.update(agreement(ctx, model, held_pairs))
     write_json_atomic(out / "rewards.json", rewards)
@@ -61,7 +64,8 @@ def agreement(ctx: Context, model, held: list[dict]) -> dict:
     bs, pad = ctx.cfg.eval.logp_batch_size, ctx.tokenizer.pad_token_id
     p_ids = [p["prompt_ids"] for p in held]
     pairs = [[p["chosen_ids"], p["rejected_ids"]] for p in held]  # the prompt encoded once per pair
-    sums, lengths = score_groups(model, p_ids, pairs, pad_token_id=pad, batch_size=bs)
+    with ctx.compute():
+        sums, lengths = score_groups(model, p_ids, pairs, pad_token_id=pad, batch_size=bs)
     cw, cl, nw, nl = sums[0::2], sums[1::2], lengths[0::2], lengths[1::2]
     return {
         "logp_agreement": M.avg_logp_agreement(cw.tolist(), nw.tolist(), cl.tolist(), nl.tolist()),

@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from .. import metrics as M
-from ..data import pack_sequences
-from ..logprobs import sequence_logps, shared_prefix_logps
+from .. import heldout
+from ..logprobs import shared_prefix_logps
 from ..models import unwrap_model
 from ..rewards import score_all
-from ..sampling import derive_seed, sample_ids
+from ..sampling import derive_seed
 from .engine import max_over_processes, sum_over_processes, trim_jsonl
 from .harness import StepHarness
 from .reference import Reference, setup_reference, uses_reference
@@ -377,13 +376,14 @@ class _Evaluator:
     @torch.no_grad()
     def __call__(self, model, base: bool = False) -> dict[str, float]:
         s = self.s
-        tok, acc = s.prep.tokenizer, s.accelerator
+        tok, acc, gen = s.prep.tokenizer, s.accelerator, s.cfg.generation
         k = s.cfg.method_config.eval_samples_per_prompt
         net = unwrap_model(model)
+        prompt_ids = [e.prompt_ids for e in self.examples]
         with acc.autocast():
-            groups = sample_ids(
-                net, [e.prompt_ids for e in self.examples], k, s.cfg.generation, eos_id=tok.eos_token_id,
-                pad_id=tok.pad_token_id, seed=derive_seed(s.cfg.training.seed, f"{s.cfg.method}-eval"),
+            groups = heldout.sample_groups(
+                net, prompt_ids, k, gen, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                seed=derive_seed(s.cfg.training.seed, f"{s.cfg.method}-eval"),
             )  # fmt: skip
         ids = [c for group in groups for c in group]
         texts = [tok.decode(c, skip_special_tokens=True) for c in ids]
@@ -393,39 +393,17 @@ class _Evaluator:
             for name in sorted({c for e in self.examples for c in e.columns})
         }
         totals, per_function = score_all(s.prep.rewards, [e.prompt for e in per], texts, ids, columns)
-        clusters = [i // k for i in range(len(ids))]
-        scored = [(r, c) for r, c in zip(totals, clusters) if r is not None]
-        row: dict[str, float] = {}
-        if scored:
-            row["reward"], row["reward_se"] = M.mean_and_se([r for r, _ in scored], [c for _, c in scored])
+        ratios = None  # π_θ = π_ref before the first step
+        if not base:
+            with acc.autocast():
+                ratios = heldout.log_ratios(
+                    net, self._ref(), prompt_ids, groups, pad_token_id=tok.pad_token_id,
+                    batch_size=s.cfg.training.eval_batch_size, temperature=gen.temperature,
+                )  # fmt: skip
+        row = heldout.summary(totals, heldout.clusters_of(groups), ratios)
         for name, values in per_function.items():
             given = [v for v in values if v is not None]
             if given:
                 row[f"reward/{name}"] = sum(given) / len(given)
         row["completions/mean_length"] = sum(len(c) for c in ids) / len(ids)
-        if base:
-            row["kl"], row["kl_se"] = 0.0, 0.0  # π_θ = π_ref before the first step
-        else:
-            policy, ref = self._sequence_logps(net, ids, per)  # both at the sampling temperature
-            row["kl"], row["kl_se"] = M.sequence_kl(policy, ref, clusters)
         return row
-
-    def _sequence_logps(self, net, ids, per) -> tuple[list[float], list[float]]:
-        pad, size = self.s.prep.tokenizer.pad_token_id, self.s.cfg.training.eval_batch_size
-        temperature = self.s.cfg.generation.temperature  # the samples' distribution: KL of the tempered π's
-        reference = self._ref()
-        policy, ref = [], []
-        was_training = net.training
-        net.eval()
-        with self.s.accelerator.autocast():
-            for start in range(0, len(ids), size):
-                batch = pack_sequences(
-                    [per[i].prompt_ids for i in range(start, min(start + size, len(ids)))],
-                    ids[start : start + size],
-                    pad,
-                )
-                keys = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-                policy += sequence_logps(net, *keys, temperature=temperature)[0].tolist()
-                ref += reference.sequence_logps(*keys, temperature=temperature).tolist()
-        net.train(was_training)
-        return policy, ref

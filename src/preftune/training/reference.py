@@ -25,7 +25,7 @@ import torch
 from ..config import METHOD_SECTIONS, TrainConfig
 from ..data import PairExample
 from ..files import save_safetensors_atomic
-from ..logprobs import pair_sequence_logps, sequence_logps, shared_prefix_logps, token_logps
+from ..logprobs import pair_sequence_logps, score_groups, sequence_logps, shared_prefix_logps, token_logps
 from ..models import is_peft, load_model, unwrap_model
 from .sharding import is_sharded, shard_like
 
@@ -101,6 +101,21 @@ class Reference:
                 model, prompts, groups, pad_token_id, share=share, temperature=temperature
             )
             return logps, completion
+
+    def score_groups(
+        self, prompts, groups, *, pad_token_id: int, batch_size: int, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """(C,) log π_ref(y|x) of every completion of ``groups[i]`` after ``prompts[i]``, flat, on the CPU
+        (:func:`preftune.logprobs.score_groups`), at ``temperature``."""
+        with self._model() as model:
+            return score_groups(
+                model,
+                prompts,
+                groups,
+                pad_token_id=pad_token_id,
+                batch_size=batch_size,
+                temperature=temperature,
+            )[0]
 
     def pair_logps(self, pairs: Sequence[PairExample], pad_token_id: int, share_prefix: bool) -> torch.Tensor:
         """(2B,) log π_ref of B pairs, [chosen..., rejected...] (see :func:`pair_logps`)."""

@@ -1,0 +1,86 @@
+"""Held-out evaluation of a policy, one implementation for online training's eval rows and the experiment.
+
+Per prompt, ``k`` completions sampled from the policy at the generation settings (:func:`sample_groups`, a
+fixed seed, so every evaluation of a run sees the same random draws); the caller scores them with its reward.
+:func:`log_ratios` gives each sample's log π_θ(y|x) − log π_ref(y|x), both at the sampling temperature T
+(softmax(z/T), the distribution the samples come from), each prompt encoded once for its completions.
+:func:`summary` turns rewards and log-ratios into the reported numbers: mean reward and the sequence
+KL(π_θ‖π_ref), each ± a standard error clustered by prompt (the k samples of one prompt are not independent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import metrics as M
+from .config import GenerationConfig
+from .logprobs import score_groups
+from .sampling import sample_ids
+
+
+def sample_groups(
+    model, prompt_ids: Sequence[Sequence[int]], k: int, gen: GenerationConfig, *, eos_id, pad_id: int, seed: int,
+    progress: bool = False,
+) -> list[list[list[int]]]:  # fmt: skip
+    """``k`` completions (token ids) of each prompt from ``model`` at ``gen``'s settings; completion j of
+    prompt i uses ``derive_seed(seed, i, j)``. KL from these samples needs ``gen.top_p == 1``."""
+    if gen.top_p != 1:
+        raise ValueError(
+            f"a KL estimate from samples needs top_p 1 (got {gen.top_p}): no reading at top_p < 1"
+        )
+    return sample_ids(model, prompt_ids, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, progress=progress)
+
+
+def log_ratios(
+    policy,
+    reference,
+    prompt_ids: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    temperature: float,
+) -> list[float]:
+    """log π_θ(y|x) − log π_ref(y|x) of every completion, flat in prompt order (prompt 0's k, then prompt
+    1's, ...), both at ``temperature`` (T = 0, greedy samples, is taken at 1: the argmax has no density).
+
+    ``policy`` is a model (run without gradients, its mode restored); ``reference`` a
+    :class:`preftune.training.reference.Reference` (adapters off, a frozen copy, or the base model itself)."""
+    t = temperature or 1.0
+    with torch.no_grad():
+        was_training = policy.training
+        policy.eval()
+        try:
+            mine, _ = score_groups(
+                policy, prompt_ids, groups, pad_token_id=pad_token_id, batch_size=batch_size, temperature=t
+            )
+        finally:
+            policy.train(was_training)
+    ref = reference.score_groups(
+        prompt_ids, groups, pad_token_id=pad_token_id, batch_size=batch_size, temperature=t
+    )
+    return (mine.double() - ref.double()).tolist()
+
+
+def clusters_of(groups: Sequence[Sequence]) -> list[int]:
+    """The prompt index of every flat completion: the standard errors' clusters."""
+    return [i for i, group in enumerate(groups) for _ in group]
+
+
+def summary(rewards: Sequence[float | None], clusters: Sequence[int], ratios: Sequence[float] | None) -> dict:
+    """``reward`` ± ``reward_se`` over the samples that got one (None = no reward) and ``kl`` ± ``kl_se`` from
+    the log-ratios (``ratios`` None: the policy is π_ref, KL 0), standard errors clustered by prompt."""
+    out: dict[str, float] = {}
+    scored = [(r, c) for r, c in zip(rewards, clusters) if r is not None]
+    if scored:
+        out["reward"], out["reward_se"] = M.mean_and_se([r for r, _ in scored], [c for _, c in scored])
+    if ratios is None:
+        out["kl"], out["kl_se"] = 0.0, 0.0
+    else:
+        out["kl"], out["kl_se"] = M.mean_and_se(ratios, clusters)
+    return out
+
+
+__all__ = ["clusters_of", "log_ratios", "sample_groups", "summary"]

@@ -1,0 +1,91 @@
+"""The one held-out evaluator (preftune.heldout), shared by online training's eval rows and the experiment:
+log-ratios at the sampling temperature against a slow per-sample forward, the clustered summary by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from preftune import heldout
+from preftune.config import GenerationConfig
+from preftune.training.reference import Reference
+
+
+def slow_logp(model, prompt: list[int], completion: list[int], temperature: float) -> float:
+    """log softmax(z/T) summed over the completion, one plain unpadded forward in float64."""
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
+    logp = torch.log_softmax(z / temperature, dim=-1)
+    return float(logp.gather(-1, torch.tensor(completion).unsqueeze(-1)).sum())
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tokenizer):
+    torch.manual_seed(0)
+    policy, base = (
+        build_tiny_model(tiny_tokenizer, seed=1).eval(),
+        build_tiny_model(tiny_tokenizer, seed=2).eval(),
+    )
+    return policy, base
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenizer, temperature):
+    policy, base = models
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    gen = GenerationConfig(max_new_tokens=5, temperature=temperature, batch_size=4)
+    pad = tiny_tokenizer.pad_token_id
+    groups = heldout.sample_groups(policy, prompts, 3, gen, eos_id=None, pad_id=pad, seed=3)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    got = heldout.log_ratios(
+        policy,
+        Reference(base, "initial"),
+        prompts,
+        groups,
+        pad_token_id=pad,
+        batch_size=4,
+        temperature=temperature,
+    )
+    expected = [
+        slow_logp(policy, p, c, temperature) - slow_logp(base, p, c, temperature)
+        for p, group in zip(prompts, groups)
+        for c in group
+    ]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert max(abs(e) for e in expected) > 1e-2  # two different models: the check is not of zeros
+    # the policy against itself: every log-ratio 0 (the base model's evaluation)
+    same = heldout.log_ratios(
+        base,
+        Reference(base, "initial"),
+        prompts,
+        groups,
+        pad_token_id=pad,
+        batch_size=2,
+        temperature=temperature,
+    )
+    assert same == pytest.approx([0.0] * 9, abs=1e-6)
+
+
+def test_summary_is_clustered_by_prompt_and_skips_missing_rewards():
+    groups = [[[1], [2]], [[3], [4]], [[5], [6]]]
+    clusters = heldout.clusters_of(groups)
+    assert clusters == [0, 0, 1, 1, 2, 2]
+    rewards = [1.0, 3.0, 2.0, None, 6.0, 4.0]
+    ratios = [0.5, 0.5, 1.0, 1.0, 0.0, 3.0]
+    out = heldout.summary(rewards, clusters, ratios)
+    # by hand: 5 rewards, mean 16/5 = 3.2; cluster sums of deviations: (-2.2 - 0.2), (-1.2), (2.8 + 0.8)
+    sums = [-2.4, -1.2, 3.6]
+    se = math.sqrt(3 / 2 * sum(s * s for s in sums) / 5**2)
+    assert out["reward"] == pytest.approx(3.2) and out["reward_se"] == pytest.approx(se)
+    # KL: mean 1.0; cluster sums (-0.5 - 0.5), (0 + 0), (-1 + 2)
+    assert out["kl"] == pytest.approx(1.0)
+    assert out["kl_se"] == pytest.approx(math.sqrt(3 / 2 * (1 + 0 + 1) / 6**2))
+    assert heldout.summary(rewards, clusters, None)["kl"] == 0.0
+
+
+def test_sample_groups_refuses_top_p(models):
+    with pytest.raises(ValueError, match="top_p"):
+        heldout.sample_groups(models[0], [[5]], 1, GenerationConfig(top_p=0.9), eos_id=None, pad_id=0, seed=0)
