@@ -10,7 +10,8 @@ worker), and the plan is :func:`preftune.training.memory.plan_run` of the same c
 Runs: ``dpo`` (configs/dpo.yaml, 4 steps), ``grpo`` (configs/grpo.yaml, 2 steps, evaluated after each: its
 β = 0 evaluation KL loads a frozen copy of the starting model at the first evaluation after a step, so step 2
 trains with it, as steps 11-30 of the full run do), ``dpo-2proc`` (2 processes under torchrun, gloo),
-``grpo-ckpt`` (``grpo`` with gradient checkpointing). Also measured: the baseline, a process that has
+``dpo-fsdp`` (``dpo-2proc`` with ``training.sharding: fsdp``), ``grpo-ckpt`` (``grpo`` with gradient
+checkpointing). Also measured: the baseline, a process that has
 imported the training stack and loaded the tokenizer.
 """
 
@@ -31,6 +32,7 @@ RUNS = {
     "dpo": ("configs/dpo.yaml", ["training.max_steps=4"], 1),
     "grpo": ("configs/grpo.yaml", ["training.max_steps=2", "training.eval_every=1"], 1),
     "dpo-2proc": ("configs/dpo.yaml", ["training.max_steps=4"], 2),
+    "dpo-fsdp": ("configs/dpo.yaml", ["training.max_steps=4", "training.sharding=fsdp"], 2),
     "grpo-ckpt": (
         "configs/grpo.yaml",
         ["training.max_steps=2", "training.eval_every=1", "training.gradient_checkpointing=true"],

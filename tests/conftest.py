@@ -85,6 +85,14 @@ def _own_reference_cache(tmp_path_factory):
         os.environ["PREFTUNE_REF_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _own_token_cache(tmp_path_factory, monkeypatch):
+    """Tokenised data cached across runs (data.token_cache) goes to a folder of this test (beside its tmp_path,
+    not in it): runs within a test share it (a resumed run maps its first run's examples), tests never see
+    each other's."""
+    monkeypatch.setenv("PREFTUNE_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest on one thread; two threads on a busy 2-core machine are ~100x slower."""

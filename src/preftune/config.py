@@ -75,6 +75,13 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 512
     max_prompt_length: int = 256
+    # keep the tokenised examples of a data file on disk ($PREFTUNE_CACHE/tokens, memory-mapped), keyed on the
+    # file's content, the tokenizer and these settings: a second run skips reading and tokenising (token_cache.py)
+    token_cache: bool = True
+    # read, validate and tokenise the training records as they are consumed, never all held (data/stream.py);
+    # pair methods and reward_model; needs training.max_steps; the shuffle is a seeded buffer of shuffle_buffer
+    streaming: bool = False
+    shuffle_buffer: int = 10000  # records held for the streamed shuffle (1: the file's order)
 
 
 @dataclass
@@ -127,6 +134,9 @@ class TrainingConfig:
     # over the processes (torch FSDP2, one unit per decoder layer plus the root; training/sharding.py)
     sharding: str = "none"
     cpu_offload: bool = False  # fsdp only: parameters and optimizer state live on the CPU between uses
+    # offline methods: split each micro-batch into forward/backward passes of at most this many padded tokens
+    # (rows × longest row, as the layout runs them); the step's records and loss stay the same (training/loop.py)
+    max_tokens_per_batch: int | None = None
     progress: bool = True
 
 
@@ -804,6 +814,10 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         bad("data.train is required (a JSONL/JSON/CSV/Parquet file, a save_to_disk folder or a hub id)")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         bad(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.shuffle_buffer < 1:
+        bad(f"data.shuffle_buffer must be >= 1 (1 keeps the file's order), got {cfg.data.shuffle_buffer}")
+    if cfg.data.streaming:
+        _check_streaming(cfg, bad)
     if cfg.method in ONLINE_METHODS:
         d, n = cfg.data, cfg.generation.max_new_tokens
         if d.max_prompt_length < 1 or d.max_prompt_length + n > d.max_length:
@@ -845,6 +859,14 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         bad(f"training.sharding must be one of {', '.join(SHARDING)}, got {t.sharding!r}")
     if t.cpu_offload and t.sharding != "fsdp":
         bad("training.cpu_offload needs training.sharding: fsdp (it offloads the shards)")
+    if t.max_tokens_per_batch is not None:
+        if t.max_tokens_per_batch < 1:
+            bad(f"training.max_tokens_per_batch must be >= 1, got {t.max_tokens_per_batch}")
+        if cfg.method in ONLINE_METHODS:
+            bad(
+                f"training.max_tokens_per_batch applies to the offline methods only; {cfg.method} processes a "
+                "step's completions training.batch_size at a time (whole groups): lower training.batch_size instead"
+            )
     for name in t.report_to:
         if name not in TRACKERS:
             bad(f"training.report_to: unknown tracker {name!r} ({', '.join(TRACKERS)})")
@@ -854,6 +876,35 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             bad(message)
+
+
+def _check_streaming(cfg: TrainConfig, bad) -> None:
+    """What ``data.streaming: true`` needs (data/stream.py): a step count, and nothing that needs the whole set."""
+    d, t, kind = cfg.data, cfg.training, cfg.method_config.kind
+    if kind not in ("pair", "reward_model"):
+        bad(
+            f"data.streaming is for the pair methods and reward_model; {cfg.method} reads its data whole ("
+            + (
+                "KTO's label balance and its mismatched KL pairs need the whole set)"
+                if kind == "unpaired"
+                else "prompt files are read whole)"
+            )
+            + "; set data.streaming: false"
+        )
+    if t.max_steps is None:
+        bad(
+            "data.streaming: true needs training.max_steps: a stream has no length to count epochs over "
+            "(it starts a new pass, reshuffled, when the data runs out)"
+        )
+    if d.eval_fraction > 0:
+        bad(
+            "data.eval_fraction needs the whole training set to split it by prompt; with data.streaming give a "
+            "held-out file as data.eval instead"
+        )
+    if t.group_by_length:
+        bad("training.group_by_length sorts the whole set by length; it does not apply with data.streaming")
+    if t.max_tokens_per_batch is not None:
+        bad("training.max_tokens_per_batch is not available with data.streaming yet; use training.batch_size")
 
 
 def _online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

@@ -2,7 +2,7 @@
 data, and unpaired data (KTO: ``data/unpaired.py``). See docs/data.md."""
 
 from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences, pack_shared_prefix
-from preftune.data.load import FIELDS, load_rows, split_rows, validate_rows
+from preftune.data.load import FIELDS, iter_rows, load_rows, split_rows, validate_rows
 from preftune.data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
 from preftune.data.tokenize import (
     TokenizeStats,
@@ -41,6 +41,7 @@ __all__ = [
     "collate_prompts",
     "pack_sequences",
     "pack_shared_prefix",
+    "iter_rows",
     "load_rows",
     "prompt_ids",
     "response_ids",

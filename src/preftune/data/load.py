@@ -24,13 +24,12 @@ boolean.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from numbers import Real
 from pathlib import Path
@@ -113,6 +112,98 @@ def load_rows(
     raise DataError(f"{name}: file not found (and it does not look like a hub dataset id 'owner/name')")
 
 
+OnError = Callable[[str], None]  # a per-record problem (malformed JSON, a short CSV line...): report, go on
+
+
+def iter_rows(
+    spec: str | os.PathLike,
+    *,
+    columns: Mapping[str, str] | None = None,
+    split: str = "train",
+    keep_all: bool = False,
+    on_error: OnError | None = None,
+) -> Iterator[dict]:
+    """The rows :func:`load_rows` reads, one at a time, never holding the file (``data.streaming``,
+    ``preftune validate``): the same projection, the same ``_source`` and the same messages.
+
+    JSONL and CSV files are read line by line, Parquet by record batches, a ``save_to_disk`` folder from its
+    memory-mapped Arrow files, a hub id as an ``IterableDataset`` (``streaming=True``). A ``.json`` file
+    holding one JSON list cannot be read a record at a time: :class:`DataError` (convert it to JSONL).
+    A record that cannot be read (malformed JSON, not an object, bad UTF-8, a CSV line with the wrong
+    number of cells or a number cell that is not one) raises :class:`DataError`, or, with ``on_error``, is
+    passed to it as its message and skipped. Errors of the whole source (not found, unreadable) always raise.
+    """
+    mapping = _column_mapping(columns)
+    if keep_all:
+        mapping[KEEP_ALL] = KEEP_ALL
+    name = str(spec)
+    if name.startswith(BUILTIN):
+        yield from _load_builtin(name)
+        return
+    path = Path(spec)
+    if path.is_dir():
+        yield from _iter_saved_dataset(path, name, mapping, split)
+        return
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".json" and _starts_with_list(path):
+            raise DataError(
+                f"{name}: a JSON list cannot be streamed (the whole list must be parsed at once); convert it to "
+                'JSONL, one object per line (e.g. python -c "import json,sys; [print(json.dumps(r)) for r in '
+                f'json.load(open(sys.argv[1]))]" {name} > {path.stem}.jsonl)'
+            )
+        if suffix in (".jsonl", ".json"):
+            yield from _iter_json_lines(path, name, mapping, on_error)
+        elif suffix == ".csv":
+            yield from _iter_csv(path, name, mapping, on_error)
+        elif suffix == ".parquet":
+            yield from _iter_parquet(path, name, mapping)
+        elif suffix == ".txt":
+            yield from _iter_prompt_file(path, name, on_error)
+        else:
+            load_rows(spec, columns=columns, split=split, keep_all=keep_all)  # raises: unsupported type
+        return
+    if _HUB_ID.match(name) and path.suffix.lower() not in _SUFFIXES:
+        yield from _iter_hub(name, mapping, split)
+        return
+    load_rows(spec, columns=columns, split=split, keep_all=keep_all)  # raises: not found
+
+
+def _report(error: DataError, on_error: OnError | None) -> None:
+    if on_error is None:
+        raise error
+    on_error(str(error))
+
+
+def _starts_with_list(path: Path) -> bool:
+    """Whether the file's first character that is not white space (or a byte-order mark) is '['."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            text = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if text:
+                return text[:1] == b"["
+    return False
+
+
+def _decoded_lines(path: Path, name: str, on_error: OnError | None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line (split on "\\n" only, the newline kept), decoded as UTF-8 (a
+    leading byte-order mark dropped); a line that is not UTF-8 is :func:`read_text`'s error, or, with
+    ``on_error``, reported and decoded with replacement characters."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                _report(
+                    DataError(
+                        f"{name} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1}); save the file as UTF-8"
+                    ),
+                    on_error,
+                )
+                yield number, raw.decode("utf-8", errors="replace")
+
+
 def _column_mapping(columns: Mapping[str, str] | None) -> dict[str, str]:
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(FIELDS))
@@ -187,20 +278,27 @@ def read_text(path: str | os.PathLike, name: str | None = None) -> str:
 
 
 def _load_json_lines(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
-    rows = []
+    read_text(path, name)  # a file that is not UTF-8 is refused before any record is read
+    return list(_iter_json_lines(path, name, mapping))
+
+
+def _iter_json_lines(
+    path: Path, name: str, mapping: dict[str, str], on_error: OnError | None = None
+) -> Iterator[dict]:
     # split on "\n" only: str.splitlines would also split inside strings holding U+2028 and the like
-    for number, line in enumerate(read_text(path, name).split("\n"), start=1):
+    for number, line in _decoded_lines(path, name, on_error):
         if not line.strip():
             continue
         source = f"{name} line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{source}: malformed JSON: {e.msg} (column {e.colno})") from None
+            _report(DataError(f"{source}: malformed JSON: {e.msg} (column {e.colno})"), on_error)
+            continue
         if not isinstance(record, dict):
-            raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
-        rows.append(_project(record, mapping, source))
-    return rows
+            _report(DataError(f"{source}: expected a JSON object, got {type(record).__name__}"), on_error)
+            continue
+        yield _project(record, mapping, source)
 
 
 def _load_json(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
@@ -222,38 +320,51 @@ def _load_json(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
 
 
 def _load_csv(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
-    rows = []
-    with io.StringIO(read_text(path, name), newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return []
-        _check_columns(header, mapping, name)
-        while True:
-            number = reader.line_num + 1  # the physical line this record starts on
+    read_text(path, name)  # a file that is not UTF-8 is refused before any record is read
+    return list(_iter_csv(path, name, mapping))
+
+
+def _iter_csv(
+    path: Path, name: str, mapping: dict[str, str], on_error: OnError | None = None
+) -> Iterator[dict]:
+    reader = csv.reader(line for _, line in _decoded_lines(path, name, on_error))
+    header = next(reader, None)
+    if header is None:
+        return
+    _check_columns(header, mapping, name)
+    while True:
+        number = reader.line_num + 1  # the physical line this record starts on
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            _report(DataError(f"{name} line {number}: malformed CSV: {e}"), on_error)
+            continue
+        if not cells:
+            continue  # blank line
+        try:
+            row = _csv_row(header, cells, mapping, f"{name} line {number}")
+        except DataError as e:
+            _report(e, on_error)
+            continue
+        yield row
+
+
+def _csv_row(header: list[str], cells: list[str], mapping: dict[str, str], source: str) -> dict:
+    if len(cells) != len(header):
+        raise DataError(f"{source}: expected {len(header)} cells (the header's), got {len(cells)}")
+    raw = {column: cell for column, cell in zip(header, cells) if cell != ""}
+    row = _project(raw, mapping, source)
+    if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+        row["label"] = row["label"].strip().lower() == "true"  # unpaired data's label cell
+    for field in NUMBER_FIELDS:
+        if field in row:
             try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise DataError(f"{name} line {number}: malformed CSV: {e}") from None
-            if not cells:
-                continue  # blank line
-            source = f"{name} line {number}"
-            if len(cells) != len(header):
-                raise DataError(f"{source}: expected {len(header)} cells (the header's), got {len(cells)}")
-            raw = {column: cell for column, cell in zip(header, cells) if cell != ""}
-            row = _project(raw, mapping, source)
-            if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
-                row["label"] = row["label"].strip().lower() == "true"  # unpaired data's label cell
-            for field in NUMBER_FIELDS:
-                if field in row:
-                    try:
-                        row[field] = float(row[field])
-                    except ValueError:
-                        raise DataError(f"{source}: field {field!r}: not a number: {row[field]!r}") from None
-            rows.append(row)
-    return rows
+                row[field] = float(row[field])
+            except ValueError:
+                raise DataError(f"{source}: field {field!r}: not a number: {row[field]!r}") from None
+    return row
 
 
 def _load_parquet(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
@@ -297,11 +408,77 @@ def _load_hub(name: str, mapping: dict[str, str], split: str) -> list[dict]:
     return [_project(r, mapping, f"{name} [{split}] record {i}") for i, r in enumerate(data.to_list())]
 
 
+def _iter_parquet(path: Path, name: str, mapping: dict[str, str]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for bad files
+        raise DataError(f"{name}: cannot read parquet: {e}") from e
+    _check_columns(parquet.schema_arrow.names, mapping, name)
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield _project(record, mapping, f"{name} record {number}")
+            number += 1
+
+
+def _iter_saved_dataset(path: Path, name: str, mapping: dict[str, str], split: str) -> Iterator[dict]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))  # memory-mapped Arrow files: nothing is read yet
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: not a folder written by datasets' save_to_disk ({e})") from e
+    where = name
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{name}: no split {split!r}; the splits are {list(data)}")
+        data, where = data[split], f"{name} [{split}]"
+    _check_columns(data.column_names, mapping, name)
+    yield from _project_batches(data.iter(batch_size=1024), mapping, f"{where} record")
+
+
+def _iter_hub(name: str, mapping: dict[str, str], split: str) -> Iterator[dict]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split=split, streaming=True)  # an IterableDataset
+    except Exception as e:  # network, auth and missing-dataset errors all land here
+        raise DataError(
+            f"{name}: not a local path, and streaming it as a hub dataset (split {split!r}) failed; "
+            f"hub datasets need network access. Cause: {type(e).__name__}: {e}"
+        ) from e
+    if data.column_names is not None:
+        _check_columns(data.column_names, mapping, name)
+    for number, record in enumerate(data):
+        if number == 0 and data.column_names is None:
+            _check_columns(list(record), mapping, name)
+        yield _project(record, mapping, f"{name} [{split}] record {number}")
+
+
+def _project_batches(batches: Iterable[dict], mapping: dict[str, str], where: str) -> Iterator[dict]:
+    """Rows of column batches (``{column: [values]}``), numbered from 0 as ``"<where> N"``."""
+    number = 0
+    for batch in batches:
+        for values in zip(*batch.values()):
+            yield _project(dict(zip(batch, values)), mapping, f"{where} {number}")
+            number += 1
+
+
+def _iter_prompt_file(path: Path, name: str, on_error: OnError | None) -> Iterator[dict]:
+    """:func:`prompt_lines` of a ``.txt`` file, a line at a time."""
+    for number, line in _decoded_lines(path, name, on_error):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield {"prompt": line, "_source": f"{name} line {number}"}
+
+
 # --- validation ----------------------------------------------------------------------------------------
 
 
 def validate_rows(
-    rows: list[dict], *, require_scores: bool = False, require_margin: bool = False, max_errors: int = 10
+    rows: list[dict], *, require_scores: bool = False, require_margin: bool = False, max_errors: int = 20
 ) -> None:
     """Check every row; raise one :class:`DataError` listing up to ``max_errors`` problems.
 

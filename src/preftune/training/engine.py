@@ -21,21 +21,26 @@ from .checkpoint import load_checkpoint_state, save_checkpoint
 MAX_SCALER_SKIPS = 50  # consecutive fp16 loss-scaler skips before the run stops: the gradients stay inf
 
 
+MMAP_THRESHOLD = 512 * 1024  # bytes; PREFTUNE_MMAP_THRESHOLD overrides it (benchmarks/bench_allocator.py)
+
+
 def limit_heap_growth() -> None:
-    """Ask glibc to serve every allocation above 128 KiB by mmap (``M_MMAP_THRESHOLD``), so freed tensors go
-    back to the system. By default glibc raises that threshold after the first large free, and later
-    tensors come from the heap, which fragments and is never returned: on the 2-core CPU a GRPO run of the
-    135M model peaked 11% higher (3.62 against 3.23 GB). Linux with glibc only; ``PREFTUNE_NO_MALLOPT=1``
-    leaves the allocator as it is."""
+    """Ask glibc to serve every allocation above :data:`MMAP_THRESHOLD` by mmap (``M_MMAP_THRESHOLD``), so
+    freed tensors go back to the system. By default glibc raises that threshold after the first large free,
+    and later tensors come from the heap, which fragments and is never returned: on the 2-core CPU a GRPO run
+    of the 135M model peaked 11% higher (3.62 against 3.23 GB). Linux with glibc only;
+    ``PREFTUNE_MMAP_THRESHOLD=<bytes>`` sets another threshold, ``PREFTUNE_NO_MALLOPT=1`` leaves the allocator
+    as it is."""
     import ctypes
     import os
     import sys
 
     if not sys.platform.startswith("linux") or os.environ.get("PREFTUNE_NO_MALLOPT"):
         return
+    threshold = int(os.environ.get("PREFTUNE_MMAP_THRESHOLD") or MMAP_THRESHOLD)
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 512 * 1024)  # M_MMAP_THRESHOLD; setting it also turns the dynamic adjustment off
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns the dynamic adjustment off
     except (OSError, AttributeError):
         pass
 

@@ -20,6 +20,7 @@ precomputed once, and ``training.precompute_ref`` does not apply to KTO (the run
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -63,14 +64,58 @@ class KTOFamily:
         self.pad_token_id = pad_token_id
         self.reduce = reduce
         self.reference: Reference | None = None  # runs on every batch
+        # training.max_tokens_per_batch: the micro-batch's z0 and each record's mismatched completion
+        self._micro: dict | None = None
 
     def lengths(self, split: str) -> list[int]:
         return [len(e.prompt_ids) + len(e.completion_ids) for e in self.examples[split]]
+
+    def token_rows(self, split: str) -> Callable[[int], tuple[int, int]]:
+        """Record i's (rows, row length) in a pass: its (completion, mismatched completion) pair, one packed row
+        with ``share_prefix`` else two (the mismatched completion is the current micro-batch's, see
+        :meth:`begin_micro`)."""
+
+        def rows(i: int) -> tuple[int, int]:
+            r = self.examples[split][i]
+            other = (
+                len(self._micro["mismatched"].get(i, r.completion_ids))
+                if self._micro
+                else len(r.completion_ids)
+            )
+            if self.cfg.training.share_prefix:
+                return 1, len(r.prompt_ids) + len(r.completion_ids) + other
+            return 2, len(r.prompt_ids) + max(len(r.completion_ids), other)
+
+        return rows
+
+    def begin_micro(self, model, indices: list[int]) -> None:
+        """Under ``training.max_tokens_per_batch`` a micro-batch runs in several passes, but z0 is the mean over
+        the whole micro-batch's mismatched pairs (of all processes): one no-grad pass over them first fixes z0
+        and each record's mismatched completion for the passes, so the step equals the undivided one (at the
+        cost of that extra forward of the policy and the reference)."""
+        records = [self.examples["train"][i] for i in indices]
+        pairs, b = kl_pairs(records), len(records)
+        share = self.cfg.training.share_prefix
+        with torch.no_grad():
+            logps = pair_logps(model, pairs, self.pad_token_id, share)  # (2B,) [matched..., mismatched...]
+            ref = self.reference.pair_logps(pairs, self.pad_token_id, share).to(logps.device)
+        sums = {"kl_sum": (logps[b:] - ref[b:]).double().sum().item(), "kl_count": float(b)}
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        self._micro = {
+            "z0": kto_reference_point(sums["kl_sum"], sums["kl_count"]),
+            "mismatched": {i: p.rejected_ids for i, p in zip(indices, pairs)},
+        }
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         records = [self.examples[split][i] for i in indices]
         batch = collate_unpaired(records, self.pad_token_id)
         batch["records"] = records
+        if split == "train" and self._micro is not None:  # a pass of a micro-batch (begin_micro)
+            batch["z0"] = self._micro["z0"]
+            batch["mismatched"] = [
+                self._micro["mismatched"].get(i, r.completion_ids) for i, r in zip(indices, records)
+            ]
         return batch
 
     def compute(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -78,6 +123,8 @@ class KTOFamily:
             raise RuntimeError("no reference: KTO's reference was not set up")
         share = self.cfg.training.share_prefix
         pairs = kl_pairs(batch["records"])
+        if "mismatched" in batch:  # a pass of a micro-batch: the micro-batch's rotation (begin_micro)
+            pairs = [dataclasses.replace(p, rejected_ids=m) for p, m in zip(pairs, batch["mismatched"])]
         b = len(pairs)
         logps = pair_logps(model, pairs, self.pad_token_id, share)  # (2B,) [matched..., mismatched...]
         ref = self.reference.pair_logps(pairs, self.pad_token_id, share).to(logps.device)  # (2B,)
@@ -92,7 +139,7 @@ class KTOFamily:
             sums[f"{side}_logps"] = policy[mask].sum().item()
         if model.training and self.reduce is not None:  # every process the same z0 (eval: all see all data)
             sums = self.reduce(sums)
-        z0 = kto_reference_point(sums["kl_sum"], sums["kl_count"])
+        z0 = batch["z0"] if "z0" in batch else kto_reference_point(sums["kl_sum"], sums["kl_count"])
         out = kto_loss(logps[:b], ref[:b], labels, z0, **vars(self.cfg.method_config))
 
         def mean(side: str, what: str) -> float:

@@ -10,6 +10,12 @@ micro-batches make one optimizer step. The step loss is the sum of per-example l
 number of examples in the step over all processes, so batch 4 × accumulation 1, batch 1 × accumulation 4
 and 2 processes × batch 2 take the same step (also when the last micro-batch splits unevenly over the
 processes), and a resumed run replays exactly the batches an uninterrupted one would.
+
+``training.max_tokens_per_batch: N`` keeps the records of every micro-batch and splits a rank's share into
+forward/backward passes of at most N padded tokens (:func:`token_chunks`, rows × longest row as the layout
+runs them); every pass adds its examples' losses over the same step count, so the step is the same in any
+chunking. All ranks run the same number of passes (the largest; zero-weight stand-ins fill the rest), since
+under FSDP every forward is collective; only the last pass reduces the gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 
 from ..config import TrainConfig
 from ..losses import example_mean
-from .engine import sum_over_processes
+from .engine import max_over_processes, sum_over_processes
 from .harness import StepHarness
 from .signals import StopSignals
 
@@ -106,6 +112,36 @@ class StepPlan:
         return sum(min(size, self.n - j * size) for j in range(first, last))
 
 
+def token_chunks(
+    indices: Sequence[int], rows: Callable[[int], tuple[int, int]], limit: int
+) -> list[list[int]]:
+    """``indices`` (one rank's micro-batch share) in passes of at most ``limit`` padded tokens.
+
+    ``rows(i)`` = (rows, row length) example i adds to a batch, as the layout pads it (a pair without prefix
+    sharing: 2 rows of prompt + the longer response; with it, one packed row of prompt + both responses). A
+    pass costs (its rows) × (its longest row) tokens. The share is sorted by row length, longest first (ties in
+    their order), so each pass pads little, and cut greedily; a record longer than ``limit`` alone runs alone.
+    """
+    shapes = {i: rows(i) for i in indices}
+    order = sorted(indices, key=lambda i: -shapes[i][1])
+    chunks: list[list[int]] = []
+    n_rows = 0
+    for i in order:
+        if chunks and (n_rows + shapes[i][0]) * shapes[chunks[-1][0]][1] <= limit:
+            chunks[-1].append(i)
+            n_rows += shapes[i][0]
+        else:
+            chunks.append([i])
+            n_rows = shapes[i][0]
+    return chunks
+
+
+def padded_tokens(indices: Sequence[int], rows: Callable[[int], tuple[int, int]]) -> int:
+    """Tokens a batch of ``indices`` runs, padding included: its rows × its longest row."""
+    shapes = [rows(i) for i in indices]
+    return sum(r for r, _ in shapes) * max((n for _, n in shapes), default=0)
+
+
 def total_steps(cfg: TrainConfig, plan: StepPlan) -> int:
     return cfg.training.max_steps or cfg.training.epochs * plan.steps_per_epoch
 
@@ -145,6 +181,9 @@ def fit(
     on_step_end: Callable[[int, dict], None] | None = None,
     describe: Callable[[list[int]], list[str]] | None = None,
     lengths: Sequence[int] | None = None,
+    rows: Callable[[int], tuple[int, int]] | None = None,
+    begin_micro: Callable[[torch.nn.Module, list[int]], None] | None = None,
+    plan=None,
     log=print,
 ) -> dict:
     """Train ``model`` in place; returns the last logged train metrics.
@@ -152,20 +191,49 @@ def fit(
     ``describe(indices)`` names examples (file and line) in errors: a non-finite loss or gradient norm stops
     the run naming the step and its records, after checkpointing the last completed step (or, with
     ``training.skip_nonfinite``, skips the step and counts it in ``nonfinite_skipped``). A signal stops the
-    run after the current step, with a checkpoint of it (``signals.py``).
+    run after the current step, with a checkpoint of it (``signals.py``). ``rows(i)``: the (rows, row length)
+    example i adds to a batch (:func:`token_chunks`), required with ``training.max_tokens_per_batch``; then
+    ``begin_micro(model, share)`` (if given) runs before each micro-batch's passes, for what a family computes
+    over the whole micro-batch (KTO's reference point).
     """
     t = cfg.training
     world = accelerator.num_processes
-    plan = StepPlan(
-        n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index,
-        lengths=lengths if t.group_by_length else None,
-    )  # fmt: skip
+    if plan is None:  # (a streamed run passes its own plan: data/stream.py)
+        plan = StepPlan(
+            n_train, t.batch_size, t.grad_accum, t.seed, world, accelerator.process_index,
+            lengths=lengths if t.group_by_length else None,
+        )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     h = StepHarness(
         cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, run_dir=run_dir, signals=signals,
         n_steps=total_steps(cfg, plan), params=params, resume_from=resume_from, log=log,
+        state=getattr(plan, "state", None), on_restore=getattr(plan, "restore", None),  # a stream's position
     )  # fmt: skip
     model = h.model
+    limit = t.max_tokens_per_batch
+    if limit is not None and rows is None:
+        raise ValueError("training.max_tokens_per_batch needs the examples' rows (fit(rows=...))")
+    warned: list[bool] = []
+
+    def passes(share: list[int]) -> list[list[int]]:
+        """One micro-batch's forward/backward passes on this rank: its share cut to the token limit, as many as
+        on the rank that needs most (the others: zero-weight stand-ins)."""
+        if limit is None:
+            return [share]
+        if begin_micro is not None:  # what spans the whole micro-batch (KTO's reference point)
+            with accelerator.autocast():
+                begin_micro(model, share or [0])  # [0]: the unlimited loop's stand-in for an empty share
+        cut = token_chunks(share, rows, limit) or [[]]  # an empty share: one stand-in pass
+        if not warned and any(len(c) == 1 and padded_tokens(c, rows) > limit for c in cut):
+            warned.append(True)
+            log(
+                f"warning: a record is longer than training.max_tokens_per_batch ({limit} padded tokens): it "
+                "runs alone in its pass (this warning is shown once)"
+            )
+        if world > 1:  # the same number of passes on every rank: under FSDP every forward is collective
+            most = int(max_over_processes(accelerator, {"passes": len(cut)})["passes"])
+            cut += [[]] * (most - len(cut))
+        return cut
 
     def body(step: int) -> dict:
         began = time.perf_counter()
@@ -174,18 +242,23 @@ def fit(
         n_local = sum(len(m) for m in micro)
         acc: dict[str, float] = {}
         tokens, bad = 0, []
-        for i, indices in enumerate(micro):
-            weight = 1.0 if indices else 0.0  # an empty share at the end of an epoch: a zero-weight stand-in
-            batch = make_batch(indices or [0])
-            tokens += int(batch["attention_mask"].sum() * weight)
-            sync = i == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                losses, metrics = compute(model, batch)  # losses: (B,)
-                # DDP averages gradients over ranks, so each rank's share is scaled by world size
-                accelerator.backward(example_mean(losses, n_step) * world * weight)
-            bad += [idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok]
-            for k, v in metrics.items():
-                acc[k] = acc.get(k, 0.0) + v * len(indices)
+        # a zero-weight stand-in: the step's shortest record of this rank under a token limit (else the first)
+        ours = [i for m in micro for i in m]
+        standin = min(ours, key=lambda i: padded_tokens([i], rows)) if limit is not None and ours else 0
+        for j, share in enumerate(micro):
+            cut = passes(share)
+            for i, indices in enumerate(cut):
+                weight = 1.0 if indices else 0.0  # an empty share (end of an epoch): a zero-weight stand-in
+                batch = make_batch(indices or [standin])
+                tokens += int(batch["attention_mask"].sum() * weight)
+                sync = j == len(micro) - 1 and i == len(cut) - 1  # only the step's last pass reduces
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    losses, metrics = compute(model, batch)  # losses: (B,)
+                    # DDP averages gradients over ranks, so each rank's share is scaled by world size
+                    accelerator.backward(example_mean(losses, n_step) * world * weight)
+                bad += [idx for idx, ok in zip(indices, torch.isfinite(losses.detach()).tolist()) if not ok]
+                for k, v in metrics.items():
+                    acc[k] = acc.get(k, 0.0) + v * len(indices)
         any_bad = sum_over_processes(accelerator, {"bad": float(len(bad))})["bad"] > 0
 
         def records() -> str:
@@ -214,4 +287,4 @@ def fit(
     )
 
 
-__all__ = ["StepPlan", "evaluate", "fit", "total_steps"]
+__all__ = ["StepPlan", "evaluate", "fit", "padded_tokens", "token_chunks", "total_steps"]

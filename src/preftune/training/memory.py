@@ -275,6 +275,16 @@ def longest_pair_batch(
     return MicroBatch(tokens=rows * row, response_tokens=sum(responses[:batch_size]))
 
 
+def capped_batch(batch: MicroBatch, limit: int | None, longest_record: int) -> MicroBatch:
+    """The longest forward pass under ``training.max_tokens_per_batch`` = ``limit``: a micro-batch runs in passes
+    of at most ``limit`` padded tokens, or one record alone when it is longer (``longest_record`` tokens as
+    the layout pads it); the response tokens of a pass are at most its tokens."""
+    if limit is None:
+        return batch
+    tokens = min(batch.tokens, max(limit, longest_record))
+    return MicroBatch(tokens=tokens, response_tokens=min(batch.response_tokens, tokens))
+
+
 def longest_group_batch(
     prompt_len: int, completion_len: int, group_size: int, batch_size: int, *, share_prefix: bool
 ) -> MicroBatch:
@@ -338,6 +348,7 @@ def plan_run(cfg, prep, model, num_processes: int = 1) -> MemoryPlan:
             lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in train]
             responses = sorted((len(e.completion_ids) for e in train), reverse=True)
             batch = MicroBatch(t.batch_size * max(lengths), sum(responses[: t.batch_size]))
+            batch = capped_batch(batch, t.max_tokens_per_batch, max(lengths))
         else:
             batch = longest_pair_batch(
                 [len(e.prompt_ids) for e in train],
@@ -346,6 +357,15 @@ def plan_run(cfg, prep, model, num_processes: int = 1) -> MemoryPlan:
                 t.batch_size,
                 share_prefix=t.share_prefix and method_kind != "reward_model",
             )
+            share = t.share_prefix and method_kind != "reward_model"
+            one = longest_pair_batch(
+                [len(e.prompt_ids) for e in train],
+                [len(e.chosen_ids) for e in train],
+                [len(e.rejected_ids) for e in train],
+                1,
+                share_prefix=share,
+            )
+            batch = capped_batch(batch, t.max_tokens_per_batch, one.tokens)
             if method_kind == "reward_model":  # a scalar head: no vocabulary logits
                 batch = MicroBatch(batch.tokens, 0)
     return memory_plan(

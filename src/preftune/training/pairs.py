@@ -8,7 +8,7 @@ Otherwise π_ref runs on every batch (see :mod:`preftune.training.reference` for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,6 +20,15 @@ from .reference import Reference, pair_logps
 
 def pair_lengths(examples: Sequence[PairExample]) -> list[int]:
     return [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+
+
+def pair_rows(pair: PairExample, share_prefix: bool) -> tuple[int, int]:
+    """(rows, row length) a pair adds to a batch: one packed row of prompt + both responses with
+    ``share_prefix``, else two rows (prompt + chosen, prompt + rejected) padded to the longer
+    (:func:`preftune.data.collate_pairs`); what ``training.max_tokens_per_batch`` counts."""
+    if share_prefix:
+        return 1, len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    return 2, len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 class PairFamily:
@@ -36,6 +45,10 @@ class PairFamily:
     def lengths(self, split: str) -> list[int]:
         """Tokens of each pair (prompt, chosen, rejected): what ``training.group_by_length`` sorts by."""
         return pair_lengths(self.examples[split])
+
+    def token_rows(self, split: str) -> Callable[[int], tuple[int, int]]:
+        """Example i's (rows, row length) in a batch (:func:`pair_rows`), for ``training.max_tokens_per_batch``."""
+        return lambda i: pair_rows(self.examples[split][i], self.cfg.training.share_prefix)
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         pairs = [self.examples[split][i] for i in indices]

@@ -21,6 +21,7 @@ from ..data import (
     load_rows,
     pairs_to_unpaired,
     split_rows,
+    token_cache,
     tokenize_rows,
     tokenize_unpaired_rows,
     validate_rows,
@@ -242,29 +243,11 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
     return PreparedPrompts(cfg, model_path, tokenizer, examples, stats, rewards)
 
 
-def _unpaired(prep: Prepared, rows: dict[str, list[dict]] | None, log=print) -> Prepared:
-    """KTO's records: unpaired rows tokenised as they are, or the pairs ``prep`` holds split into one desirable
-    and one undesirable record each; both labels must be in the training data when both weights are > 0."""
+def _unpaired(prep: Prepared) -> Prepared:
+    """KTO's records: unpaired rows as tokenised, or the pairs ``prep`` holds split into one desirable and one
+    undesirable record each; both labels must be in the training data when both weights are > 0."""
     cfg = prep.cfg
-    if rows is not None:  # unpaired rows
-        for split, split_rows_ in rows.items():
-            examples, stats = tokenize_unpaired_rows(
-                split_rows_,
-                prep.tokenizer,
-                max_length=cfg.data.max_length,
-                max_prompt_length=cfg.data.max_prompt_length,
-            )
-            if stats.dropped_empty:
-                log(f"{split} data: {stats.dropped_empty} of {stats.total} records dropped:")
-                for line in stats.dropped:
-                    log(f"  {line}")
-            if not examples:
-                raise DataError(f"{split} data: every record was dropped by tokenisation ({vars(stats)})")
-            _check_vocabulary(
-                examples, vocab_size(prep.model_path, prep.tokenizer, cfg.model.trust_remote_code), split
-            )
-            prep.examples[split], prep.stats[split] = examples, stats
-    else:
+    if not any(isinstance(e, UnpairedExample) for split in prep.examples.values() for e in split[:1]):
         prep.examples = {split: pairs_to_unpaired(pairs) for split, pairs in prep.examples.items()}
     m = cfg.method_config
     check_labels(
@@ -274,56 +257,168 @@ def _unpaired(prep: Prepared, rows: dict[str, list[dict]] | None, log=print) -> 
 
 
 def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
-    """Load and check all data and the tokenizer; raise before training on anything bad."""
+    """Load and check all data and the tokenizer; raise before training on anything bad (with
+    ``data.streaming``: the eval data, and that the training source opens; its records as they are read)."""
     kind = cfg.method_config.kind
     if kind == "online":
         return prepare_prompts(cfg, log)
-    rows = _load_split_rows(cfg, log)
-    if kind == "unpaired" and is_unpaired([r for split_rows_ in rows.values() for r in split_rows_]):
-        for split, split_rows_ in rows.items():
-            if not split_rows_:
-                raise DataError(
-                    f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
-                )
-            validate_unpaired_rows(split_rows_)
-        model_path = resolve_model_path(cfg.model.name_or_path, log)
-        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        return _unpaired(Prepared(cfg, model_path, tokenizer, {}, {}), rows, log)
+    if cfg.data.streaming:
+        return prepare_stream(cfg, log)
+    # data.token_cache: the tokenised examples of this data, tokenizer and settings may be on disk already
+    model_path = resolve_model_path(cfg.model.name_or_path, log)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    key = _token_cache_key(cfg, tokenizer) if cfg.data.token_cache else None
+    examples, stats, _ = token_cache.cached(key, lambda: _read_and_tokenize(cfg, tokenizer, log), log)
+    size = vocab_size(model_path, tokenizer, cfg.model.trust_remote_code)
+    unpaired = any(isinstance(e, UnpairedExample) for split in examples.values() for e in split[:1])
+    what = "records" if unpaired else "pairs"
+    for split, split_examples in examples.items():
+        dropped = stats[split].dropped_empty + stats[split].dropped_identical
+        if dropped:
+            more = (
+                f" (first {len(stats[split].dropped)} shown)" if dropped > len(stats[split].dropped) else ""
+            )
+            log(f"{split} data: {dropped} of {stats[split].total} {what} dropped{more}:")
+            for line in stats[split].dropped:
+                log(f"  {line}")
+        if not split_examples:
+            raise DataError(
+                f"{split} data: every {what[:-1]} was dropped by tokenisation ({vars(stats[split])})"
+            )
+        if not isinstance(split_examples, token_cache.CachedExamples) or split_examples.max_token() >= size:
+            _check_vocabulary(split_examples, size, split)
+        if cfg.method_config.requires_scores:
+            _check_odpo_scores(cfg, split_examples, split)
+    prep = Prepared(cfg, model_path, tokenizer, examples, stats)
+    return _unpaired(prep) if kind == "unpaired" else prep
+
+
+def _read_and_tokenize(cfg: TrainConfig, tokenizer, log=print) -> tuple[dict, dict, list[str]]:
+    """Read, check and tokenise an offline run's data (pairs, or KTO's unpaired records): (examples, stats, the
+    lines logged while reading), what ``data.token_cache`` keeps."""
+    kind, logged = cfg.method_config.kind, []
+
+    def keep(*args) -> None:
+        logged.append(" ".join(map(str, args)))
+        log(*args)
+
+    rows = _load_split_rows(cfg, keep)
+    unpaired = kind == "unpaired" and is_unpaired([r for split_rows_ in rows.values() for r in split_rows_])
     for split, split_rows_ in rows.items():
         if not split_rows_:
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
+        if unpaired:
+            validate_unpaired_rows(split_rows_)
+            continue
         has_margin = kind == "reward_model" and cfg.method_config.use_margin
         has_margin = has_margin and any(r.get("margin") is not None for r in split_rows_)
         # a margin in some rows only would be used in some batches only: all rows or none
         validate_rows(
             split_rows_, require_scores=cfg.method_config.requires_scores, require_margin=has_margin
         )
-    model_path = resolve_model_path(cfg.model.name_or_path, log)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenize = tokenize_unpaired_rows if unpaired else tokenize_rows
     examples, stats = {}, {}
     for split, split_rows_ in rows.items():
-        examples[split], stats[split] = tokenize_rows(
+        examples[split], stats[split] = tokenize(
             split_rows_,
             tokenizer,
             max_length=cfg.data.max_length,
             max_prompt_length=cfg.data.max_prompt_length,
         )
-        dropped = stats[split].dropped_empty + stats[split].dropped_identical
-        if dropped:
-            more = (
-                f" (first {len(stats[split].dropped)} shown)" if dropped > len(stats[split].dropped) else ""
-            )
-            log(f"{split} data: {dropped} of {stats[split].total} pairs dropped{more}:")
-            for line in stats[split].dropped:
-                log(f"  {line}")
-        if not examples[split]:
-            raise DataError(f"{split} data: every pair was dropped by tokenisation ({vars(stats[split])})")
-        _check_vocabulary(
-            examples[split], vocab_size(model_path, tokenizer, cfg.model.trust_remote_code), split
+    return examples, stats, logged
+
+
+def _token_cache_key(cfg: TrainConfig, tokenizer) -> str | None:
+    """The ``data.token_cache`` entry of this config's data (:func:`preftune.data.token_cache.cache_key`)."""
+    d, m = cfg.data, cfg.method_config
+    settings = {
+        "columns": vars(d.columns), "split": d.split, "eval_split": d.eval_split if d.eval else None,
+        "eval_fraction": 0.0 if d.eval else d.eval_fraction,
+        "seed": cfg.training.seed if d.eval_fraction > 0 and not d.eval else None,
+        "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+        "unpaired": m.kind == "unpaired", "requires_scores": m.requires_scores,
+        "use_margin": m.kind == "reward_model" and m.use_margin,
+    }  # fmt: skip
+    return token_cache.cache_key({"train": d.train, "eval": d.eval}, tokenizer, settings)
+
+
+@dataclass
+class PreparedStream(Prepared):
+    """A streamed run's data (``data.streaming``): ``examples["train"]`` is an
+    :class:`~preftune.data.stream.ExampleStream`, read, checked and tokenised as training consumes it;
+    ``examples["eval"]`` (``data.eval``) is loaded whole as without streaming."""
+
+    def summary(self, num_processes: int = 1) -> dict:
+        from .reference import uses_reference
+
+        t, d = self.cfg.training, self.cfg.data
+        per_step = t.batch_size * t.grad_accum * num_processes
+        summary = {
+            "method": self.cfg.method,
+            "model": self.model_path,
+            "lora": self.cfg.model.lora.enabled,
+            "train_pairs": f"streamed from {d.train} (read, checked and tokenised as consumed)",
+            "eval_pairs": len(self.examples.get("eval", [])),
+            "streaming": {"shuffle_buffer": d.shuffle_buffer, "seed": t.seed},
+            "tokenize": {k: vars(v) for k, v in self.stats.items() if k != "train"},
+            "processes": num_processes,
+            "optimizer_steps": t.max_steps,
+            "steps_per_epoch": None,
+            "pairs_per_step": per_step,
+        }
+        if uses_reference(self.cfg):
+            summary["reference"] = (
+                "adapters disabled, on every batch"
+                if self.cfg.model.lora.enabled
+                else "frozen copy, on every batch"
+            ) + " (data.streaming: no precomputed log-probs, the data is not known before step 1)"
+        return summary
+
+
+def prepare_stream(cfg: TrainConfig, log=print) -> PreparedStream:
+    """The streamed train data (nothing read yet but the first record, to fail early on a missing file, a JSON
+    list or a missing column) and the eval data, loaded and checked whole as :func:`prepare` does."""
+    from ..data.load import iter_rows
+    from ..data.stream import PairProcessor, pair_stream
+
+    d, m = cfg.data, cfg.method_config
+    columns = dict(vars(d.columns))
+    first = next(iter_rows(d.train, columns=columns, split=d.split), None)
+    if first is None:
+        raise DataError(f"train data ({d.train}) has no records")
+    model_path = resolve_model_path(cfg.model.name_or_path, log)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    size = vocab_size(model_path, tokenizer, cfg.model.trust_remote_code)
+    use_margin = cfg.method_config.kind == "reward_model" and m.use_margin
+    examples, stats = {}, {}
+    if d.eval:
+        rows = load_rows(d.eval, columns=columns, split=d.eval_split)
+        if not rows:
+            raise DataError(f"eval data ({d.eval}) has no records")
+        has_margin = use_margin and any(r.get("margin") is not None for r in rows)
+        validate_rows(rows, require_scores=m.requires_scores, require_margin=has_margin)
+        examples["eval"], stats["eval"] = tokenize_rows(
+            rows, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
         )
-        if cfg.method_config.requires_scores:
-            _check_odpo_scores(cfg, examples[split], split)
-    prep = Prepared(cfg, model_path, tokenizer, examples, stats)
-    return _unpaired(prep, None, log) if kind == "unpaired" else prep
+        if not examples["eval"]:
+            raise DataError(f"eval data: every pair was dropped by tokenisation ({vars(stats['eval'])})")
+        _check_vocabulary(examples["eval"], size, "eval")
+        if m.requires_scores:
+            _check_odpo_scores(cfg, examples["eval"], "eval")
+
+    def check(example: PairExample) -> None:
+        _check_vocabulary([example], size, "train data (streamed)")
+        if m.requires_scores:
+            _check_odpo_scores(cfg, [example], "train data (streamed)")
+
+    processor = PairProcessor(
+        tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        require_scores=m.requires_scores, require_margin=None if use_margin else False, check=check, log=log,
+    )  # fmt: skip
+    examples["train"] = pair_stream(
+        d.train, processor, columns=columns, split=d.split, buffer=d.shuffle_buffer, seed=cfg.training.seed
+    )
+    stats["train"] = processor.stats  # counts as the stream is consumed
+    return PreparedStream(cfg, model_path, tokenizer, examples, stats)

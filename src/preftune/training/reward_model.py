@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,7 +11,7 @@ from ..config import TrainConfig
 from ..data import PairExample, collate_pairs
 from ..losses import bradley_terry_loss, pair_metrics
 from ..models import device_of, to_device
-from .pairs import pair_lengths
+from .pairs import pair_lengths, pair_rows
 
 
 def strip_eos(example: PairExample, eos_id: int) -> PairExample:
@@ -39,6 +39,10 @@ class RewardModelFamily:
 
     def lengths(self, split: str) -> list[int]:
         return pair_lengths(self.examples[split])
+
+    def token_rows(self, split: str) -> Callable[[int], tuple[int, int]]:
+        """Example i's (rows, row length): always two plain rows (collate_pairs)."""
+        return lambda i: pair_rows(self.examples[split][i], share_prefix=False)
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         return collate_pairs([self.examples[split][i] for i in indices], self.pad_token_id)

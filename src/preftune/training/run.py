@@ -6,6 +6,7 @@ runs it alone. Which loop and family a method trains with is one explicit table,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import METHOD_SECTIONS, TrainConfig, dump_yaml, load_config
+from ..data.stream import StreamPlan
 from ..files import write_json_atomic, write_text_atomic
 from ..models import add_lora, enable_gradient_checkpointing, load_model, save_model
 from .checkpoint import latest_checkpoint
@@ -42,7 +44,7 @@ from .reference import (
     setup_reference,
     uses_reference,
 )
-from .reward_model import RewardModelFamily
+from .reward_model import RewardModelFamily, strip_eos
 from .rundir import RunDirError, check_run_dir, create_run_dir
 from .sharding import SHARDED_DIR, is_sharded, save_full, shard_model
 from .signals import StopSignals, stop_signals
@@ -79,13 +81,19 @@ def _fit_offline(s: Session, family) -> dict:
                 return evaluate(m, family.compute, make, n_eval, s.cfg.training.eval_batch_size)
 
     train_examples = s.prep.examples["train"]
+    plan, streamed = None, s.cfg.data.streaming
+    if streamed:  # the train examples are read as consumed (data/stream.py): its plan, not a permutation
+        t, acc = s.cfg.training, s.accelerator
+        plan = StreamPlan(
+            train_examples, t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, s.log
+        )
 
     return fit(
         s.cfg,
         accelerator=s.accelerator,
         model=s.model,
         tokenizer=s.prep.tokenizer,
-        n_train=len(s.prep.examples["train"]),
+        n_train=0 if streamed else len(train_examples),
         make_batch=lambda idx: family.make_batch("train", idx),
         compute=family.compute,
         run_dir=s.run_dir,
@@ -94,7 +102,10 @@ def _fit_offline(s: Session, family) -> dict:
         on_step_end=s.on_step_end,
         signals=s.signals,
         describe=lambda idx: [train_examples[i].source for i in idx],
-        lengths=family.lengths("train"),
+        lengths=None if streamed else family.lengths("train"),
+        plan=plan,
+        rows=family.token_rows("train") if s.cfg.training.max_tokens_per_batch else None,
+        begin_micro=getattr(family, "begin_micro", None),
         log=s.log,
     )
 
@@ -126,7 +137,14 @@ def train_unpaired(s: Session) -> dict:
 
 def train_reward_model(s: Session) -> dict:
     tok = s.prep.tokenizer
-    return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
+    if not s.cfg.data.streaming:
+        return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
+    stream = s.prep.examples["train"]  # streamed: the family strips each EOS as the example is read
+    family = RewardModelFamily(
+        s.cfg, {k: v for k, v in s.prep.examples.items() if k != "train"}, tok.pad_token_id, tok.eos_token_id
+    )
+    family.examples["train"] = stream.map(lambda e: strip_eos(e, tok.eos_token_id))
+    return _fit_offline(s, family)
 
 
 # method -> its trainer: the family it batches with and the loop it runs (every method of
@@ -293,7 +311,12 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
     """Precomputed reference log-probs (cached in the run dir for resume, and across runs in the shared cache,
     ``s.ref_cache_dir`` when the caller gives one), or a reference that runs on every batch."""
     cfg, prep = s.cfg, s.prep
-    if not cfg.training.precompute_ref:
+    if cfg.data.streaming and cfg.training.precompute_ref:
+        s.log(
+            "data.streaming: the reference runs on every batch (precomputed log-probs would need every record "
+            "before step 1); training.precompute_ref does not apply"
+        )
+    if not cfg.training.precompute_ref or cfg.data.streaming:
         family.reference = setup_reference(
             s.model, cfg, prep.model_path, policy_trained=s.resume_from is not None
         )
@@ -331,6 +354,32 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
         s.log(f"reference log-probs for {n} pairs computed in {seconds:.1f}s (cached in {where})")
 
 
+PLAN_SAMPLE = 256  # streamed pairs the memory plan of `validate` looks at
+
+
+def _scan_train_data(cfg: TrainConfig) -> None:
+    """One pass over the training pairs with bounded memory (``data/stream.py``): every record read and
+    checked, unreadable ones included; a :class:`DataError` lists the first 20 problems with their lines and
+    counts the rest. A source that cannot be read a record at a time (a JSON list) is left to ``prepare``
+    without streaming."""
+    from ..data import DataError
+    from ..data.stream import scan_pairs
+
+    d, m = cfg.data, cfg.method_config
+    use_margin = m.kind == "reward_model" and m.use_margin
+    try:
+        scan = scan_pairs(
+            d.train, columns=dict(vars(d.columns)), split=d.split, require_scores=m.requires_scores,
+            require_margin=(None if use_margin else False) if d.streaming else False,
+        )  # fmt: skip
+    except DataError:
+        if d.streaming:
+            raise
+        return  # prepare reads it whole and says what is wrong
+    if scan.problems:
+        raise DataError(scan.message())
+
+
 def validate(
     config: TrainConfig | dict | str | Path, *, load_weights: bool = True, num_processes: int = 1, log=print
 ) -> dict:
@@ -341,10 +390,21 @@ def validate(
 
     cfg = load_config(config)
     check_mixed_precision(cfg.training)
+    if cfg.method_config.kind in ("pair", "reward_model"):
+        _scan_train_data(cfg)
     prep = prepare(cfg, log)
     summary = prep.summary(num_processes)
     if load_weights:
         model = _build_model(cfg, prep, None)
+        if cfg.data.streaming:  # the longest micro-batch of the first records; no precomputed reference
+            stream = prep.examples["train"]
+            sample = [stream[i] for i in range(PLAN_SAMPLE)]
+            prep = dataclasses.replace(prep, examples={**prep.examples, "train": sample})
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precompute_ref=False))
+            summary["memory_plan_note"] = (
+                f"activations of the longest micro-batch of the first {PLAN_SAMPLE} streamed pairs "
+                f"(data.max_length {cfg.data.max_length} bounds every pair)"
+            )
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary["reference"] = summary.get("reference") or (
