@@ -1,8 +1,9 @@
 """The data layer: rows -> examples -> batch (load, validate, tokenise, collate) for pair data and prompt
 data, and unpaired data (KTO: ``data/unpaired.py``). See docs/data.md."""
 
+from preftune.data.checks import split_rows, validate_rows
 from preftune.data.collate import collate_pairs, collate_prompts, pack_sequences, pack_shared_prefix
-from preftune.data.load import FIELDS, iter_rows, load_rows, split_rows, validate_rows
+from preftune.data.load import FIELDS, iter_rows, load_rows
 from preftune.data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
 from preftune.data.tokenize import (
     TokenizeStats,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from preftune.data.load import _text_kind
+from preftune.data.checks import text_kind
 from preftune.data.tokenize import prompt_ids
 from preftune.data.types import DataError
 
@@ -46,7 +46,7 @@ def validate_prompt_rows(rows: list[dict], *, max_errors: int = 10) -> None:
         if "prompt" not in row:
             problems.append(f"{source}: field 'prompt': missing")
             continue
-        kind, what = _text_kind(row["prompt"])
+        kind, what = text_kind(row["prompt"])
         if what:
             problems.append(f"{source}: field 'prompt': {what}")
         elif kind == "messages" and row["prompt"][-1]["role"] == "assistant":

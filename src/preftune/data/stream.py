@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.load import _row_problems, iter_rows
+from preftune.data.checks import row_problems
+from preftune.data.load import iter_rows
 from preftune.data.tokenize import MAX_NAMED_DROPS, TokenizeStats, _tokenize
 from preftune.data.types import DataError, PairExample
 
@@ -65,7 +66,7 @@ class Scan:
         self.shown.extend(problems[: max(0, MAX_SHOWN - len(self.shown))])
 
     def message(self) -> str:
-        """:func:`preftune.data.load.validate_rows`' message: the count, the first problems, the rest's count."""
+        """:func:`preftune.data.checks.validate_rows`' message: the count, the first problems, the rest's count."""
         lines = [f"{self.problems} problem(s) in {self.rows} row(s):"] + [f"  {p}" for p in self.shown]
         if self.problems > len(self.shown):
             lines.append(f"  ... and {self.problems - len(self.shown)} more")
@@ -83,14 +84,14 @@ def scan_pairs(
     for row in iter_rows(spec, columns=columns, split=split, on_error=lambda p: scan.add([p])):
         if require_margin is None:
             require_margin = row.get("margin") is not None
-        scan.add(_row_problems(row, scan.rows, require_scores=require_scores, require_margin=require_margin))
+        scan.add(row_problems(row, scan.rows, require_scores=require_scores, require_margin=require_margin))
         scan.rows += 1
     return scan
 
 
 class PairProcessor:
     """A streamed row -> its :class:`PairExample` (or ``None`` when tokenisation drops it): the checks of
-    :func:`~preftune.data.load.validate_rows` (a bad row raises :class:`DataError` naming its file and
+    :func:`~preftune.data.checks.validate_rows` (a bad row raises :class:`DataError` naming its file and
     line), tokenisation as :func:`~preftune.data.tokenize.tokenize_rows`, then ``check(example)`` (token ids in
     the vocabulary, ODPO's score domain...). ``stats`` counts as :class:`TokenizeStats` does; the first
     :data:`MAX_NAMED_DROPS` drops are logged."""
@@ -107,7 +108,7 @@ class PairProcessor:
     def __call__(self, row: dict, index: int) -> PairExample | None:
         if self.require_margin is None:  # all rows or none, decided by the first
             self.require_margin = row.get("margin") is not None
-        problems = _row_problems(
+        problems = row_problems(
             row, index, require_scores=self.require_scores, require_margin=self.require_margin
         )
         if problems:

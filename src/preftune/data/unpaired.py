@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from preftune.data.checks import text_kind
 from preftune.data.collate import pack_sequences
-from preftune.data.load import _text_kind
 from preftune.data.tokenize import (
     MAX_NAMED_DROPS,
     TokenizeStats,
@@ -68,7 +68,7 @@ def validate_unpaired_rows(rows: list[dict], *, max_errors: int = 10) -> None:
                 if not (field == "completion" and "completion_ids" in row):
                     bad(field, "missing")
                 continue
-            kind, what = _text_kind(row[field])
+            kind, what = text_kind(row[field])
             if what:
                 bad(field, what)
             else:
