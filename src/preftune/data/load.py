@@ -364,30 +364,11 @@ def _csv_row(header: list[str], cells: list[str], mapping: dict[str, str], sourc
 
 
 def _load_parquet(path: Path, name: str, mapping: dict[str, str]) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for bad files
-        raise DataError(f"{name}: cannot read parquet: {e}") from e
-    _check_columns(table.column_names, mapping, name)
-    return [_project(r, mapping, f"{name} record {i}") for i, r in enumerate(table.to_pylist())]
+    return list(_iter_parquet(path, name, mapping))
 
 
 def _load_saved_dataset(path: Path, name: str, mapping: dict[str, str], split: str) -> list[dict]:
-    import datasets
-
-    try:
-        data = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise DataError(f"{name}: not a folder written by datasets' save_to_disk ({e})") from e
-    where = name
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise DataError(f"{name}: no split {split!r}; the splits are {list(data)}")
-        data, where = data[split], f"{name} [{split}]"
-    _check_columns(data.column_names, mapping, name)
-    return [_project(r, mapping, f"{where} record {i}") for i, r in enumerate(data.to_list())]
+    return list(_iter_saved_dataset(path, name, mapping, split))
 
 
 def _load_hub(name: str, mapping: dict[str, str], split: str) -> list[dict]:
