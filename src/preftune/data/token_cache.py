@@ -12,8 +12,8 @@ then ``preftune train``) maps the first run's result instead:
 - the settings that shape the examples or decide which records are refused: ``data.columns``, ``split`` /
   ``eval_split``, ``eval`` / ``eval_fraction`` (and the seed that splits), ``max_length``,
   ``max_prompt_length``, whether scores / margins are required;
-- the code that turns rows into examples (the source of ``data/load.py``, ``tokenize.py``, ``unpaired.py``
-  and this module), so an edited tokenisation never reads a stale entry.
+- the code that turns rows into examples (the source of ``data/load.py``, ``checks.py``, ``tokenize.py``,
+  ``unpaired.py`` and this module), so an edited check or tokenisation never reads a stale entry.
 
 An entry is a folder ``$PREFTUNE_CACHE/tokens/<key>/`` (``$PREFTUNE_TOKEN_CACHE`` to move it): per split a
 flat int32 array of every example's token ids (``<split>.tokens.npy``) and int64 offsets into it
@@ -101,7 +101,7 @@ def tokenizer_digest(tokenizer) -> str:
 def _code_digest() -> str:
     here = Path(__file__).parent
     h = hashlib.blake2b(digest_size=20)
-    for name in ("load.py", "tokenize.py", "unpaired.py", "token_cache.py", "types.py"):
+    for name in ("load.py", "checks.py", "tokenize.py", "unpaired.py", "token_cache.py", "types.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
