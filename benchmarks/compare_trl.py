@@ -25,7 +25,7 @@ import time
 from harness import report_child, run_child
 
 THREADS = 2
-STEPS = 6
+STEPS = 11  # the first allocates the optimizer state: 10 timed steps (--steps)
 BETA, LR = 0.1, 1e-6
 
 _CONTEXT = (
@@ -69,7 +69,7 @@ def flops_per_step(case: str) -> tuple[float, int]:
     return 6.0 * body * tokens + 6.0 * embed * responses, tokens
 
 
-def run_preftune(case: str, out: str) -> dict:
+def run_preftune(case: str, out: str, steps: int = STEPS) -> dict:
     import preftune
     from preftune.files import write_jsonl_atomic
 
@@ -80,7 +80,7 @@ def run_preftune(case: str, out: str) -> dict:
     cfg = {
         "method": "dpo",
         "data": {"train": data, "max_length": 1024, "max_prompt_length": 768},
-        "training": {"output_dir": os.path.join(out, "run"), "batch_size": 4, "max_steps": STEPS,
+        "training": {"output_dir": os.path.join(out, "run"), "batch_size": 4, "max_steps": steps,
                      "learning_rate": LR, "lr_scheduler": "constant", "progress": False, "ref_cache": False},
         "dpo": {"beta": BETA},
     }  # fmt: skip
@@ -94,7 +94,7 @@ def run_preftune(case: str, out: str) -> dict:
     return {"s_per_step": statistics.median(steady), "losses": [r["loss"] for r in rows]}
 
 
-def run_trl(case: str, out: str) -> dict:
+def run_trl(case: str, out: str, steps: int = STEPS) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -112,7 +112,7 @@ def run_trl(case: str, out: str) -> dict:
     args = DPOConfig(
         output_dir=out, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         optim="adamw_torch_fused", per_device_train_batch_size=4, gradient_accumulation_steps=1,
-        max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant", beta=BETA, loss_type=["sigmoid"],
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", beta=BETA, loss_type=["sigmoid"],
         max_length=1024, precompute_ref_log_probs=True, precompute_ref_batch_size=4, logging_steps=1,
         save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
     )  # fmt: skip
@@ -139,35 +139,49 @@ def gemm_rate() -> float:
     return 10 * 2 * 2048**3 / (time.perf_counter() - start)
 
 
-def child(system: str, case: str) -> None:
+def child(system: str, case: str, steps: int) -> None:
     run = run_trl if system == "trl" else run_preftune
-    report_child(lambda tmp: run(case, str(tmp)), THREADS)
+    report_child(lambda tmp: run(case, str(tmp), steps), THREADS)
 
 
-def measure(system: str, python: str, case: str) -> dict:
-    return run_child(python, [__file__, "--child", system, "--case", case], THREADS, f"{system} {case}")
+def measure(system: str, python: str, case: str, steps: int) -> dict:
+    args = [__file__, "--child", system, "--case", case, "--steps", str(steps)]
+    return run_child(python, args, THREADS, f"{system} {case}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["short", "long", "conversational"])
+    p.add_argument(
+        "--steps", type=int, default=STEPS, help="optimizer steps per run (the first is not timed)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs of each system per case, alternated")
     p.add_argument("--trl-python", default=sys.executable)
     p.add_argument("--child", choices=["trl", "preftune"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.case)
+        child(args.child, args.case, args.steps)
         return
     rate = gemm_rate()
     print(
-        f"fp32 GEMM rate (2048², {THREADS} threads): {rate / 1e9:.0f} GFLOP/s; {STEPS} steps of 4 pairs, median after the first\n"
+        f"fp32 GEMM rate (2048², {THREADS} threads): {rate / 1e9:.0f} GFLOP/s; {args.steps} steps of 4 pairs, "
+        f"median after the first; {args.repeats} runs of each system, alternated\n"
     )
     print("| case | tokens/step | system | s/step | pairs/s | peak RSS MB | GEMM share | final loss |")
     print("|---|---|---|---|---|---|---|---|")
+    spreads = []
     for case in args.cases:
         flops, tokens = flops_per_step(case)
-        trl = measure("trl", args.trl_python, case)
-        ours = measure("preftune", sys.executable, case)
+        runs = {"trl": [], "preftune": []}
+        for _ in range(args.repeats):
+            runs["trl"].append(measure("trl", args.trl_python, case, args.steps))
+            runs["preftune"].append(measure("preftune", sys.executable, case, args.steps))
+        summary = {}
+        for system, results in runs.items():  # the run of median s/step; RSS its maximum over the runs
+            median = sorted(results, key=lambda r: r["s_per_step"])[len(results) // 2]
+            summary[system] = {**median, "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+        trl, ours = summary["trl"], summary["preftune"]
         for name, r in (("TRL DPOTrainer", trl), ("preftune", ours)):
             print(
                 f"| {case} | {tokens} | {name} | {r['s_per_step']:.2f} | {4 / r['s_per_step']:.2f} | "
@@ -177,6 +191,17 @@ def main() -> None:
             f"| {case} | | **preftune / TRL** | **{trl['s_per_step'] / ours['s_per_step']:.2f}x faster** | | "
             f"**{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** | | Δ {abs(trl['losses'][-1] - ours['losses'][-1]):.1e} |"
         )
+        ratios = [t["s_per_step"] / o["s_per_step"] for t, o in zip(runs["trl"], runs["preftune"])]
+        rss = [o["peak_rss_mb"] / t["peak_rss_mb"] for t, o in zip(runs["trl"], runs["preftune"])]
+        times = {k: ", ".join(f"{r['s_per_step']:.2f}" for r in v) for k, v in runs.items()}
+        spreads.append(
+            f"{case}: speed-up per run " + ", ".join(f"{r:.2f}x" for r in ratios)
+            + f" (TRL s/step {times['trl']}; preftune {times['preftune']}); RSS ratio "
+            + ", ".join(f"{r:.2f}x" for r in rss)
+        )  # fmt: skip
+    print()
+    for line in spreads:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,6 @@ def test_streaming_needs_max_steps_and_a_pair_method(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="data.streaming: true needs training.max_steps"):
         train_config_from_dict(base)
     for extra, message in [
-        ({"method": "kto"}, "data.streaming is for the pair methods and reward_model; kto"),
         ({"data": {"eval_fraction": 0.2}}, "data.eval_fraction needs the whole training set"),
         ({"data": {"shuffle_buffer": 0}}, "data.shuffle_buffer must be >= 1"),
     ]:

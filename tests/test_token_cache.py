@@ -151,3 +151,21 @@ def test_large_files_are_sampled(tmp_path, monkeypatch):
     with open(path, "r+b") as f:  # a change inside a sampled block (the first)
         f.write(b"y")
     assert token_cache.content_digest(path) != sampled
+
+
+def test_validate_skips_the_row_scan_on_a_hit(tmp_path, tiny_model_dir, monkeypatch):
+    """`validate` scans the file for bad rows only when the token cache has no entry: an entry's rows were
+    checked when it was written, and the scan would read a large file once more for nothing."""
+    run_module = importlib.import_module("preftune.training.run")
+    data = write_jsonl(tmp_path / "data.jsonl", _records(8))
+    cfg = _cfg(tiny_model_dir, data, tmp_path)
+    scans = []
+    real_scan = run_module._scan_train_data
+    monkeypatch.setattr(run_module, "_scan_train_data", lambda c: scans.append(1) or real_scan(c))
+    first = run_module.validate(cfg, load_weights=False, log=quiet)
+    assert len(scans) == 1
+    other = _cfg(tiny_model_dir, data, tmp_path, data={"max_length": 48})  # another entry: a miss, scanned
+    run_module.validate(other, load_weights=False, log=quiet)
+    assert len(scans) == 2
+    _no_reading(monkeypatch)
+    assert run_module.validate(cfg, load_weights=False, log=quiet) == first and len(scans) == 2

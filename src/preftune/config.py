@@ -79,7 +79,8 @@ class DataConfig:
     # file's content, the tokenizer and these settings: a second run skips reading and tokenising (token_cache.py)
     token_cache: bool = True
     # read, validate and tokenise the training records as they are consumed, never all held (data/stream.py);
-    # pair methods and reward_model; needs training.max_steps; the shuffle is a seeded buffer of shuffle_buffer
+    # every method (online ones: their prompt files); needs training.max_steps; the shuffle is a seeded buffer
+    # of shuffle_buffer records
     streaming: bool = False
     shuffle_buffer: int = 10000  # records held for the streamed shuffle (1: the file's order)
 
@@ -881,15 +882,10 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
 def _check_streaming(cfg: TrainConfig, bad) -> None:
     """What ``data.streaming: true`` needs (data/stream.py): a step count, and nothing that needs the whole set."""
     d, t, kind = cfg.data, cfg.training, cfg.method_config.kind
-    if kind not in ("pair", "reward_model"):
+    if kind == "online" and getattr(cfg.method_config, "dynamic_sampling", False):
         bad(
-            f"data.streaming is for the pair methods and reward_model; {cfg.method} reads its data whole ("
-            + (
-                "KTO's label balance and its mismatched KL pairs need the whole set)"
-                if kind == "unpaired"
-                else "prompt files are read whole)"
-            )
-            + "; set data.streaming: false"
+            f"{cfg.method}.dynamic_sampling draws its extra prompts from the whole prompt set, which "
+            "data.streaming never holds; set one of them to false"
         )
     if t.max_steps is None:
         bad(
@@ -903,8 +899,6 @@ def _check_streaming(cfg: TrainConfig, bad) -> None:
         )
     if t.group_by_length:
         bad("training.group_by_length sorts the whole set by length; it does not apply with data.streaming")
-    if t.max_tokens_per_batch is not None:
-        bad("training.max_tokens_per_batch is not available with data.streaming yet; use training.batch_size")
 
 
 def _online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

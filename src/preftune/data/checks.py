@@ -47,17 +47,7 @@ def row_problems(row: dict, i: int, *, require_scores: bool, require_margin: boo
     def bad(field: str, what: str) -> None:
         problems.append(f"{source}: field {field!r}: {what}")
 
-    kinds: dict[str, str] = {}  # field -> "string" | "messages", for the fields that are well formed
-    for field in TEXT_FIELDS:
-        if field not in row:
-            if field != "prompt":
-                bad(field, "missing")
-            continue
-        kind, what = text_kind(row[field])
-        if what:
-            bad(field, what)
-        else:
-            kinds[field] = kind
+    kinds = text_fields(row, TEXT_FIELDS, bad, optional=("prompt",))
 
     if "prompt" not in row and kinds.get("chosen") == kinds.get("rejected") == "string":
         bad("prompt", "missing (only conversational data may leave the prompt implicit)")
@@ -65,9 +55,7 @@ def row_problems(row: dict, i: int, *, require_scores: bool, require_margin: boo
     for field in ("chosen", "rejected"):
         if field != reference and reference in kinds and field in kinds and kinds[field] != kinds[reference]:
             bad(field, f"is {_a(kinds[field])} but {reference!r} is {_a(kinds[reference])}")
-    for field in ("chosen", "rejected"):
-        if kinds.get(field) == "messages" and row[field][-1]["role"] != "assistant":
-            bad(field, f"the last message must have role 'assistant', not {row[field][-1]['role']!r}")
+    assistant_last(row, kinds, ("chosen", "rejected"), bad)
 
     if not problems and "prompt" not in row:
         try:
@@ -109,6 +97,30 @@ def _finite(value: Real) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
+
+
+def text_fields(row: dict, fields, bad, *, optional=()) -> dict[str, str]:
+    """``{field: "string" | "messages"}`` for the well-formed text ``fields`` of ``row``; each malformed one,
+    and each missing one not in ``optional``, is reported as ``bad(field, what is wrong)``."""
+    kinds: dict[str, str] = {}
+    for field in fields:
+        if field not in row:
+            if field not in optional:
+                bad(field, "missing")
+            continue
+        kind, what = text_kind(row[field])
+        if what:
+            bad(field, what)
+        else:
+            kinds[field] = kind
+    return kinds
+
+
+def assistant_last(row: dict, kinds: dict[str, str], fields, bad) -> None:
+    """A response given as messages must end with the assistant's message (the one that is trained on)."""
+    for field in fields:
+        if kinds.get(field) == "messages" and row[field][-1]["role"] != "assistant":
+            bad(field, f"the last message must have role 'assistant', not {row[field][-1]['role']!r}")
 
 
 def text_kind(value: Any) -> tuple[str, str]:

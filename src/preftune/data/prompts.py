@@ -38,46 +38,63 @@ class PromptStats:
     truncated: int = 0
 
 
+def prompt_row_problems(row: dict, index: int) -> list[str]:
+    """What is wrong with one prompt row (``index``: its position, named when the row has no ``_source``),
+    each problem "<file> line <n>: ..."; [] for a good row. The rule of :func:`validate_prompt_rows` and of a
+    streamed row (:class:`preftune.data.stream.PromptProcessor`)."""
+    source = row.get("_source", f"row {index}")
+    if "prompt" not in row:
+        return [f"{source}: field 'prompt': missing"]
+    problems = []
+    kind, what = text_kind(row["prompt"])
+    if what:
+        problems.append(f"{source}: field 'prompt': {what}")
+    elif kind == "messages" and row["prompt"][-1]["role"] == "assistant":
+        problems.append(
+            f"{source}: field 'prompt': the last message is the assistant's; the completion is generated "
+            "after the prompt, so it must end with a user (or system) message"
+        )
+    clash = sorted(RESERVED_COLUMNS & set(row))
+    if clash:
+        problems.append(f"{source}: column(s) {clash} clash with the reward functions' own arguments")
+    return problems
+
+
 def validate_prompt_rows(rows: list[dict], *, max_errors: int = 10) -> None:
     """Raise :class:`DataError` listing up to ``max_errors`` bad rows, each with its file and line."""
-    problems = []
-    for i, row in enumerate(rows):
-        source = row.get("_source", f"row {i}")
-        if "prompt" not in row:
-            problems.append(f"{source}: field 'prompt': missing")
-            continue
-        kind, what = text_kind(row["prompt"])
-        if what:
-            problems.append(f"{source}: field 'prompt': {what}")
-        elif kind == "messages" and row["prompt"][-1]["role"] == "assistant":
-            problems.append(
-                f"{source}: field 'prompt': the last message is the assistant's; the completion is generated "
-                "after the prompt, so it must end with a user (or system) message"
-            )
-        clash = sorted(RESERVED_COLUMNS & set(row))
-        if clash:
-            problems.append(f"{source}: column(s) {clash} clash with the reward functions' own arguments")
+    problems = [p for i, row in enumerate(rows) for p in prompt_row_problems(row, i)]
     if problems:
         shown = problems[:max_errors]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         raise DataError(f"{len(problems)} problem(s) in the prompt data:\n  " + "\n  ".join(shown) + more)
 
 
+def tokenize_prompt(
+    row: dict, tokenizer, index: int, *, max_prompt_length: int
+) -> tuple[PromptExample, bool]:
+    """One checked prompt row -> (its :class:`PromptExample` with ``index``, whether it was truncated): the chat
+    template for messages; the last ``max_prompt_length`` tokens kept. A prompt of no tokens is a
+    :class:`DataError` naming its file and line."""
+    source = row.get("_source", f"row {index}")
+    ids = prompt_ids(tokenizer, row["prompt"])
+    if not ids:
+        raise DataError(f"{source}: field 'prompt': tokenises to no tokens")
+    truncated = len(ids) > max_prompt_length
+    if truncated:
+        ids = ids[len(ids) - max_prompt_length :]
+    columns = {k: v for k, v in row.items() if k not in ("prompt", "_source")}
+    return PromptExample(index, row["prompt"], tuple(ids), columns, source), truncated
+
+
 def tokenize_prompts(
     rows: list[dict], tokenizer, *, max_prompt_length: int
 ) -> tuple[list[PromptExample], PromptStats]:
-    """Tokenise every prompt (chat template for messages); keep the last ``max_prompt_length`` tokens."""
+    """Tokenise every prompt (:func:`tokenize_prompt`); ``stats`` counts them and the truncated ones."""
     examples, stats = [], PromptStats(total=len(rows))
     for i, row in enumerate(rows):
-        source = row.get("_source", f"row {i}")
-        ids = prompt_ids(tokenizer, row["prompt"])
-        if not ids:
-            raise DataError(f"{source}: field 'prompt': tokenises to no tokens")
-        if len(ids) > max_prompt_length:
-            ids = ids[len(ids) - max_prompt_length :]
-            stats.truncated += 1
-        columns = {k: v for k, v in row.items() if k not in ("prompt", "_source")}
-        examples.append(PromptExample(i, row["prompt"], tuple(ids), columns, source))
+        example, truncated = tokenize_prompt(row, tokenizer, i, max_prompt_length=max_prompt_length)
+        stats.truncated += truncated
+        examples.append(example)
     return examples, stats
 
 

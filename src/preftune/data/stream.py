@@ -17,6 +17,10 @@ grad_accum, in ``grad_accum`` micro-batches of ``batch_size × processes``, rank
 processes-th, as :class:`~preftune.training.loop.StepPlan` with the file order for its permutation. Every
 process reads and tokenises the whole stream (so all agree on the indices and meet a bad record together).
 Its checkpoint state is the stream position at the step's boundary.
+
+The online methods stream their prompts the same way (:func:`record_stream`, :class:`PromptProcessor`):
+:class:`PromptStreamPlan` gives sampling batch b the prompts ``[b·P, (b+1)·P)``, each serving the method's
+updates per batch of samples.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Any
 
 from preftune.data.checks import row_problems
 from preftune.data.load import iter_rows
+from preftune.data.prompts import PromptExample, PromptStats, prompt_row_problems, tokenize_prompt
 from preftune.data.tokenize import MAX_NAMED_DROPS, TokenizeStats, _tokenize
 from preftune.data.types import DataError, PairExample
+from preftune.data.unpaired import tokenize_unpaired_row, unpaired_row_problems
 
 MAX_SHOWN = 20  # problems listed by validate (then "... and N more")
 
@@ -111,11 +117,7 @@ class PairProcessor:
         problems = row_problems(
             row, index, require_scores=self.require_scores, require_margin=self.require_margin
         )
-        if problems:
-            raise DataError(
-                "train data (streamed): a bad record; training stops here (`preftune validate` lists every bad "
-                "record of the file):\n" + "\n".join(f"  {p}" for p in problems)
-            )
+        _refuse(problems)
         out = _tokenize(
             row, self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
             index=index,
@@ -136,6 +138,42 @@ class PairProcessor:
         if self.check is not None:
             self.check(out.example)
         return out.example
+
+
+def _refuse(problems: list[str], what: str = "train data") -> None:
+    """A streamed record's problems, if any, as the :class:`DataError` that stops training."""
+    if problems:
+        raise DataError(
+            f"{what} (streamed): a bad record; training stops here (`preftune validate` lists every bad "
+            "record of the file):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+class UnpairedProcessor:
+    """A streamed unpaired row (KTO: ``prompt``, ``completion``, ``label``) -> its
+    :class:`~preftune.data.unpaired.UnpairedExample` (or ``None``: dropped), with the checks and tokenisation
+    of the whole-file path (:func:`~preftune.data.unpaired.unpaired_row_problems`,
+    :func:`~preftune.data.unpaired.tokenize_unpaired_row`), then ``check(example)``."""
+
+    def __init__(
+        self, tokenizer, *, max_length: int, max_prompt_length: int, check: Callable | None = None, log=print
+    ) -> None:
+        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
+        self.check, self.log = check, log
+        self.stats = TokenizeStats()
+
+    def __call__(self, row: dict, index: int):
+        _refuse(unpaired_row_problems(row, index))
+        named = len(self.stats.dropped)
+        example = tokenize_unpaired_row(
+            row, self.tokenizer, index, self.stats, max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+        )  # fmt: skip
+        if len(self.stats.dropped) > named:
+            self.log(f"train data (streamed): {self.stats.dropped[-1]}")
+        if example is not None and self.check is not None:
+            self.check(example)
+        return example
 
 
 Position = tuple[int, int]  # (pass, rows of that pass taken from the shuffle buffer)
@@ -232,15 +270,16 @@ class MappedStream:
         return self.fn(self.stream[index])
 
 
-def pair_stream(
+def record_stream(
     spec: str, processor: Callable[[dict, int], Any], *, columns: dict | None, split: str, buffer: int,
-    seed: int,
+    seed: int, keep_all: bool = False,
 ) -> ExampleStream:  # fmt: skip
-    """The :class:`ExampleStream` of a source: pass p is its rows through a shuffle buffer seeded with
-    ``seed + p``."""
+    """The :class:`ExampleStream` of a source (pairs, unpaired records, or prompts with ``keep_all``: every
+    column kept for the reward functions): pass p is its rows through a shuffle buffer seeded with ``seed + p``."""
 
     def open_pass(p: int) -> Iterator[dict]:
-        return shuffled(iter_rows(spec, columns=columns, split=split), buffer, random.Random(seed + p))
+        rows = iter_rows(spec, columns=columns, split=split, keep_all=keep_all)
+        return shuffled(rows, buffer, random.Random(seed + p))
 
     return ExampleStream(open_pass, processor)
 
@@ -309,13 +348,90 @@ class StreamPlan:
         )
 
 
+# --- prompt streams (online methods: grpo, ppo, online_dpo) ----------------------------------------------
+
+
+def scan_prompts(spec: str, *, columns: dict | None = None, split: str = "train") -> Scan:
+    """:func:`scan_pairs` for a prompt source (every column kept, for the reward functions): every row read
+    once with bounded memory and checked as :func:`~preftune.data.prompts.validate_prompt_rows` checks it."""
+    scan = Scan()
+    for row in iter_rows(spec, columns=columns, split=split, keep_all=True, on_error=lambda p: scan.add([p])):
+        scan.add(prompt_row_problems(row, scan.rows))
+        scan.rows += 1
+    return scan
+
+
+class PromptProcessor:
+    """A streamed prompt row -> its :class:`~preftune.data.prompts.PromptExample` (``index``: its global index):
+    the checks of :func:`~preftune.data.prompts.validate_prompt_rows` (a bad row raises :class:`DataError`
+    naming its file and line) and :func:`~preftune.data.prompts.tokenize_prompt`. A prompt is never dropped.
+    ``stats`` counts the prompts tokenised and the truncated ones."""
+
+    def __init__(self, tokenizer, *, max_prompt_length: int) -> None:
+        self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
+        self.stats = PromptStats()
+
+    def __call__(self, row: dict, index: int) -> PromptExample:
+        _refuse(prompt_row_problems(row, index), "train prompts")
+        example, truncated = tokenize_prompt(
+            row, self.tokenizer, index, max_prompt_length=self.max_prompt_length
+        )
+        self.stats.total += 1
+        self.stats.truncated += truncated
+        return example
+
+
+class PromptStreamPlan(StreamPlan):
+    """The sampling batches of an online run over a prompt :class:`ExampleStream` (the whole-file plan's
+    interface: ``step(batch)`` -> (pass, [this process's prompts])).
+
+    Batch b takes the global indices ``[b·P, (b+1)·P)`` (P = ``prompts_per_batch``), process r every
+    world_size-th of them, as the whole-file plan splits a batch; each batch serves ``updates_per_batch``
+    optimizer steps. A checkpoint after optimizer step s keeps the position at the start of batch
+    ``s // updates_per_batch``: the next batch, or the unfinished one whose rollout the checkpoint holds (its
+    prompts are read again on resume, for the records named in messages). A pass with fewer than P prompts
+    would put one prompt twice in a batch: refused at the first batch, as the whole-file plan refuses it."""
+
+    def __init__(
+        self, stream: ExampleStream, prompts_per_batch: int, updates_per_batch: int, world_size: int = 1,
+        rank: int = 0, *, too_few: Callable[[int], None] | None = None, log=print,
+    ) -> None:  # fmt: skip
+        super().__init__(stream, prompts_per_batch // world_size, 1, world_size, rank, log)
+        self.updates, self.too_few = updates_per_batch, too_few
+
+    def step(self, batch: int) -> tuple[int, list[list[int]]]:
+        out = super().step(batch)
+        if batch == 0 and self.stream.pass_of[self.per_step - 1] > 0:  # pass 0 ended inside batch 0
+            first_pass = sum(self.stream.pass_of[i] == 0 for i in range(self.per_step))
+            if self.too_few is not None:
+                self.too_few(first_pass)
+            raise DataError(
+                f"the prompt source has {first_pass} prompts, fewer than the {self.per_step} of a batch"
+            )
+        return out
+
+    def state(self) -> dict:
+        out = super().state()
+        out["stream"]["updates_per_batch"] = self.updates
+        return out
+
+    def restore(self, trainer_state: dict) -> None:
+        """Continue after the checkpoint of optimizer step s: the stream is replayed to batch
+        ``s // updates_per_batch``'s start."""
+        super().restore({**trainer_state, "step": trainer_state["step"] // self.updates})
+
+
 __all__ = [
     "ExampleStream",
     "MappedStream",
     "PairProcessor",
+    "PromptProcessor",
+    "PromptStreamPlan",
     "Scan",
     "StreamPlan",
-    "pair_stream",
+    "UnpairedProcessor",
+    "record_stream",
     "scan_pairs",
+    "scan_prompts",
     "shuffled",
 ]

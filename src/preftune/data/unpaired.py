@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.data.checks import text_kind
+from preftune.data.checks import assistant_last, text_fields
 from preftune.data.collate import pack_sequences
 from preftune.data.tokenize import (
     MAX_NAMED_DROPS,
@@ -55,50 +55,42 @@ def validate_unpaired_rows(rows: list[dict], *, max_errors: int = 10) -> None:
     """Check every unpaired row; raise one :class:`DataError` listing up to ``max_errors`` problems, each
     ``"<_source>: field '<name>': <what is wrong>"`` (a missing or non-boolean label, a missing or empty
     prompt or completion, a string prompt with a message-list completion, ...)."""
-    problems: list[str] = []
-    for i, row in enumerate(rows):
-        source = row.get("_source", f"row {i}")
-
-        def bad(field: str, what: str, source=source) -> None:
-            problems.append(f"{source}: field {field!r}: {what}")
-
-        kinds = {}
-        for field in ("prompt", "completion"):
-            if field not in row:
-                if not (field == "completion" and "completion_ids" in row):
-                    bad(field, "missing")
-                continue
-            kind, what = text_kind(row[field])
-            if what:
-                bad(field, what)
-            else:
-                kinds[field] = kind
-        if len(kinds) == 2 and kinds["prompt"] != kinds["completion"]:
-            bad("completion", f"is a {kinds['completion']} value but 'prompt' is a {kinds['prompt']} value")
-        if kinds.get("completion") == "messages" and row["completion"][-1]["role"] != "assistant":
-            bad(
-                "completion",
-                f"the last message must have role 'assistant', not {row['completion'][-1]['role']!r}",
-            )
-        if "label" not in row:
-            bad("label", "missing (true for a desirable completion, false for an undesirable one)")
-        elif not isinstance(row["label"], bool):
-            bad("label", f"must be true or false, got {type(row['label']).__name__} {row['label']!r}")
-        for field in ("prompt_ids", "completion_ids"):
-            if ("prompt_ids" in row or "completion_ids" in row) and field not in row:
-                bad(field, "missing (pre-tokenised rows need prompt_ids and completion_ids)")
-            value = row.get(field)
-            if value is not None and not (
-                isinstance(value, list)
-                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
-            ):
-                bad(field, "must be a list of non-negative token ids")
+    problems = [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
     if problems:
         shown = problems[:max_errors]
         lines = [f"{len(problems)} problem(s) in {len(rows)} row(s):"] + [f"  {p}" for p in shown]
         if len(problems) > len(shown):
             lines.append(f"  ... and {len(problems) - len(shown)} more")
         raise DataError("\n".join(lines))
+
+
+def unpaired_row_problems(row: dict, i: int) -> list[str]:
+    """What is wrong with unpaired row ``i`` (``"<_source>: field '<name>': <what>"`` each; empty when good)."""
+    source = row.get("_source", f"row {i}")
+    problems: list[str] = []
+
+    def bad(field: str, what: str) -> None:
+        problems.append(f"{source}: field {field!r}: {what}")
+
+    optional = ("completion",) if "completion_ids" in row else ()
+    kinds = text_fields(row, ("prompt", "completion"), bad, optional=optional)
+    if len(kinds) == 2 and kinds["prompt"] != kinds["completion"]:
+        bad("completion", f"is a {kinds['completion']} value but 'prompt' is a {kinds['prompt']} value")
+    assistant_last(row, kinds, ("completion",), bad)
+    if "label" not in row:
+        bad("label", "missing (true for a desirable completion, false for an undesirable one)")
+    elif not isinstance(row["label"], bool):
+        bad("label", f"must be true or false, got {type(row['label']).__name__} {row['label']!r}")
+    for field in ("prompt_ids", "completion_ids"):
+        if ("prompt_ids" in row or "completion_ids" in row) and field not in row:
+            bad(field, "missing (pre-tokenised rows need prompt_ids and completion_ids)")
+        value = row.get(field)
+        if value is not None and not (
+            isinstance(value, list)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        ):
+            bad(field, "must be a list of non-negative token ids")
+    return problems
 
 
 def check_labels(
@@ -148,28 +140,35 @@ def tokenize_unpaired_rows(
 ) -> tuple[list[UnpairedExample], TokenizeStats]:
     """Tokenise validated unpaired rows; kept examples get ``index`` 0..kept-1 in order."""
     examples: list[UnpairedExample] = []
-    stats = TokenizeStats(total=len(rows))
+    stats = TokenizeStats()
     for i, row in enumerate(rows):
         row = row if "_source" in row else {**row, "_source": f"row {i}"}
-        p, c, prompt_cut, response_cut = _tokenize_one(
-            row, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+        example = tokenize_unpaired_row(
+            row, tokenizer, len(examples), stats, max_length=max_length, max_prompt_length=max_prompt_length
         )
-        stats.prompt_truncated += prompt_cut
-        stats.response_truncated += response_cut
-        if c in ([], [tokenizer.eos_token_id]):
-            stats.dropped_empty += 1
-            if len(stats.dropped) < MAX_NAMED_DROPS:
-                stats.dropped.append(
-                    f"{row['_source']}: dropped, the completion has no token besides its EOS"
-                )
-            continue
-        examples.append(
-            UnpairedExample(
-                len(examples), tuple(p), tuple(c), bool(row["label"]), row["_source"], response_cut
-            )
-        )
-    stats.kept = len(examples)
+        if example is not None:
+            examples.append(example)
     return examples, stats
+
+
+def tokenize_unpaired_row(
+    row: dict, tokenizer, index: int, stats: TokenizeStats, *, max_length: int, max_prompt_length: int
+) -> UnpairedExample | None:
+    """One validated unpaired row (with its ``_source``) as example ``index``, or None when its completion has no
+    token besides its EOS (dropped); counted in ``stats``."""
+    p, c, prompt_cut, response_cut = _tokenize_one(
+        row, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    stats.total += 1
+    stats.prompt_truncated += prompt_cut
+    stats.response_truncated += response_cut
+    if c in ([], [tokenizer.eos_token_id]):
+        stats.dropped_empty += 1
+        if len(stats.dropped) < MAX_NAMED_DROPS:
+            stats.dropped.append(f"{row['_source']}: dropped, the completion has no token besides its EOS")
+        return None
+    stats.kept += 1
+    return UnpairedExample(index, tuple(p), tuple(c), bool(row["label"]), row["_source"], response_cut)
 
 
 def pairs_to_unpaired(pairs: Sequence[PairExample]) -> list[UnpairedExample]:

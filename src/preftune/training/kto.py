@@ -20,7 +20,6 @@ precomputed once, and ``training.precompute_ref`` does not apply to KTO (the run
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -29,7 +28,7 @@ import torch
 from ..config import TrainConfig
 from ..data import PairExample, UnpairedExample, collate_unpaired
 from ..losses import kto_loss, kto_reference_point
-from .reference import Reference, pair_logps
+from .reference import Reference, completion_logps, pair_logps
 
 
 def kl_pairs(records: Sequence[UnpairedExample]) -> list[PairExample]:
@@ -71,41 +70,36 @@ class KTOFamily:
         return [len(e.prompt_ids) + len(e.completion_ids) for e in self.examples[split]]
 
     def token_rows(self, split: str) -> Callable[[int], tuple[int, int]]:
-        """Record i's (rows, row length) in a pass: its (completion, mismatched completion) pair, one packed row
-        with ``share_prefix`` else two (the mismatched completion is the current micro-batch's, see
-        :meth:`begin_micro`)."""
+        """Record i's (rows, row length) in a pass: once :meth:`begin_micro` has fixed z0, one row of its prompt
+        and completion (the mismatched half is not scored again); before, its pair with itself."""
 
         def rows(i: int) -> tuple[int, int]:
             r = self.examples[split][i]
-            other = (
-                len(self._micro["mismatched"].get(i, r.completion_ids))
-                if self._micro
-                else len(r.completion_ids)
-            )
+            if self._micro is not None:  # z0 fixed by begin_micro: a pass scores the record's own completion
+                return 1, len(r.prompt_ids) + len(r.completion_ids)
             if self.cfg.training.share_prefix:
-                return 1, len(r.prompt_ids) + len(r.completion_ids) + other
-            return 2, len(r.prompt_ids) + max(len(r.completion_ids), other)
+                return 1, len(r.prompt_ids) + 2 * len(r.completion_ids)
+            return 2, len(r.prompt_ids) + len(r.completion_ids)
 
         return rows
 
     def begin_micro(self, model, indices: list[int]) -> None:
         """Under ``training.max_tokens_per_batch`` a micro-batch runs in several passes, but z0 is the mean over
-        the whole micro-batch's mismatched pairs (of all processes): one no-grad pass over them first fixes z0
-        and each record's mismatched completion for the passes, so the step equals the undivided one (at the
-        cost of that extra forward of the policy and the reference)."""
+        the whole micro-batch's mismatched pairs (of all processes): one no-grad pass over the mismatched
+        completions first fixes z0, and the passes then score only each record's own completion, so the step
+        equals the undivided one at the same cost (each half is scored once by the policy and the reference).
+        """
         records = [self.examples["train"][i] for i in indices]
         pairs, b = kl_pairs(records), len(records)
         share = self.cfg.training.share_prefix
+        prompts, others = [p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs]
         with torch.no_grad():
-            logps = pair_logps(model, pairs, self.pad_token_id, share)  # (2B,) [matched..., mismatched...]
-            ref = self.reference.pair_logps(pairs, self.pad_token_id, share).to(logps.device)
-        sums = {"kl_sum": (logps[b:] - ref[b:]).double().sum().item(), "kl_count": float(b)}
+            logps = completion_logps(model, prompts, others, self.pad_token_id, share)  # (B,)
+            ref = self.reference.completion_logps(prompts, others, self.pad_token_id, share).to(logps.device)
+        sums = {"kl_sum": (logps - ref).double().sum().item(), "kl_count": float(b)}
         if self.reduce is not None:
             sums = self.reduce(sums)
-        self._micro = {
-            "z0": kto_reference_point(sums["kl_sum"], sums["kl_count"]),
-            "mismatched": {i: p.rejected_ids for i, p in zip(indices, pairs)},
-        }
+        self._micro = {"z0": kto_reference_point(sums["kl_sum"], sums["kl_count"])}
 
     def make_batch(self, split: str, indices: list[int]) -> dict:
         records = [self.examples[split][i] for i in indices]
@@ -113,26 +107,28 @@ class KTOFamily:
         batch["records"] = records
         if split == "train" and self._micro is not None:  # a pass of a micro-batch (begin_micro)
             batch["z0"] = self._micro["z0"]
-            batch["mismatched"] = [
-                self._micro["mismatched"].get(i, r.completion_ids) for i, r in zip(indices, records)
-            ]
         return batch
 
     def compute(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         if self.reference is None:
             raise RuntimeError("no reference: KTO's reference was not set up")
         share = self.cfg.training.share_prefix
-        pairs = kl_pairs(batch["records"])
-        if "mismatched" in batch:  # a pass of a micro-batch: the micro-batch's rotation (begin_micro)
-            pairs = [dataclasses.replace(p, rejected_ids=m) for p, m in zip(pairs, batch["mismatched"])]
-        b = len(pairs)
-        logps = pair_logps(model, pairs, self.pad_token_id, share)  # (2B,) [matched..., mismatched...]
-        ref = self.reference.pair_logps(pairs, self.pad_token_id, share).to(logps.device)  # (2B,)
+        records = batch["records"]
+        b = len(records)
+        if "z0" in batch:  # a pass of a micro-batch: z0 fixed (begin_micro), only the matched half is scored
+            prompts, own = [r.prompt_ids for r in records], [r.completion_ids for r in records]
+            logps = completion_logps(model, prompts, own, self.pad_token_id, share)  # (B,)
+            ref = self.reference.completion_logps(prompts, own, self.pad_token_id, share).to(logps.device)
+            sums = {}
+        else:
+            pairs = kl_pairs(records)
+            logps = pair_logps(model, pairs, self.pad_token_id, share)  # (2B,) [matched..., mismatched...]
+            ref = self.reference.pair_logps(pairs, self.pad_token_id, share).to(logps.device)  # (2B,)
+            sums = {"kl_sum": (logps[b:].detach() - ref[b:]).double().sum().item(), "kl_count": float(b)}
         labels = batch["labels"].to(logps.device)  # (B,)
         policy = logps[:b].detach().double()
         r = policy - ref[:b].double()  # (B,)
         beta = self.cfg.method_config.beta
-        sums = {"kl_sum": (logps[b:].detach() - ref[b:]).double().sum().item(), "kl_count": float(b)}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             sums[f"{side}_count"] = float(mask.sum())
             sums[f"{side}_rewards"] = (beta * r[mask]).sum().item()

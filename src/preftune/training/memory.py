@@ -307,7 +307,7 @@ def decoding_rows(gen_batch_size: int, samples_per_prompt: int, prompts: int) ->
 def plan_run(cfg, prep, model, num_processes: int = 1) -> MemoryPlan:
     """The plan of a prepared run (``prep``: :func:`preftune.training.prepare.prepare`'s) with ``model``
     built as training builds it (its parameters counted, not run)."""
-    from .reference import uses_reference
+    from .reference import precomputes_reference, uses_reference
 
     t = cfg.training
     shape = ModelShape.from_config(getattr(model, "config", None) or model.base_model.config)
@@ -321,7 +321,7 @@ def plan_run(cfg, prep, model, num_processes: int = 1) -> MemoryPlan:
     if uses_reference(cfg) or (online and "eval" in prep.examples):
         if cfg.model.lora.enabled:
             kind = "adapters disabled (no copy)"
-        elif method_kind == "pair" and t.precompute_ref:
+        elif precomputes_reference(cfg):
             kind, ref_bytes = "precomputed log-probs", 8 * sum(len(v) for v in prep.examples.values())
         else:
             kind, ref_bytes = "frozen copy", copy_bytes

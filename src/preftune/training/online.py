@@ -16,7 +16,8 @@ it trains on it; the loop is the same for both. One batch of samples is ``prompt
 
 Sampling draws on seeds derived from (seed, batch, process), so a resumed run samples what the uninterrupted
 run would; a checkpoint between the updates of a batch keeps the rollout, and the method's own state (PPO's
-value head and KL coefficient). Evaluation samples ``eval_samples_per_prompt`` completions of each held-out
+value head and KL coefficient). With ``data.streaming`` the prompts are read as consumed: the plan is a
+:class:`~preftune.data.stream.PromptStreamPlan`, and a checkpoint keeps its stream position. Evaluation samples ``eval_samples_per_prompt`` completions of each held-out
 prompt with a fixed seed (the same draws at every evaluation, so steps compare paired) and reports the mean
 reward and the sequence KL to π_ref, both with prompt-clustered standard errors; step 0 is the starting model.
 
@@ -124,6 +125,8 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     def restore(state: dict) -> None:  # resuming: the method's state, and the rollout of an unfinished batch
         nonlocal rollout
         method.load(s.resume_from, state)
+        if hasattr(plan, "restore"):  # data.streaming: the prompt stream's position (data/stream.py)
+            plan.restore(state)
         rollout = Rollout.load(s.resume_from, acc.process_index) if state["step"] % updates else None
 
     def files(step: int):
@@ -142,7 +145,8 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     h = StepHarness(
         cfg, accelerator=acc, model=s.model, tokenizer=tokenizer, run_dir=s.run_dir, signals=s.signals,
         n_steps=n_steps, groups=method.param_groups(params), params=params + method.extra_params(),
-        resume_from=s.resume_from, on_restore=restore, state=method.state, files=files, log=s.log,
+        resume_from=s.resume_from, on_restore=restore, files=files, log=s.log,
+        state=lambda: {**method.state(), **(plan.state() if hasattr(plan, "state") else {})},
     )  # fmt: skip
     model, start_step = h.model, h.start_step
     completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
@@ -159,8 +163,9 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
         began = time.perf_counter()
         batch_index, iteration = divmod(step, updates)
         timings = {"time/generate": 0.0, "time/score": 0.0, "time/old_ref_logps": 0.0}
+        # (every step: a streamed plan keeps this batch's prompts readable, also after a resume mid-batch)
+        epoch, (indices,) = plan.step(batch_index)
         if rollout is None or iteration == 0:
-            _, (indices,) = plan.step(batch_index)
             rollout, timings = method.collect(
                 model=model, cfg=cfg, tokenizer=tokenizer, examples=examples, indices=indices,
                 rewards=prep.rewards, accelerator=acc, batch=batch_index, describe=describe,
@@ -178,7 +183,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
         )  # fmt: skip
         now = time.perf_counter()
         sums = sum_over_processes(acc, sums)
-        row = {"step": step + 1, "split": "train", "epoch": batch_index // plan.steps_per_epoch}
+        row = {"step": step + 1, "split": "train", "epoch": epoch}
         row.update(rollout.stats, **method.row(sums, rollout), **method.sampling_metrics)
         method.sampling_metrics = {}
         row.update(lr=outcome.lr, grad_norm=outcome.grad_norm, **h.stepper.metrics())

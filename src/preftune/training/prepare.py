@@ -115,18 +115,22 @@ class PreparedPrompts:
         return t.max_steps or t.epochs * self.plan(num_processes).steps_per_epoch * m.updates_per_batch
 
     def summary(self, num_processes: int = 1) -> dict:
+        n_train, per_epoch = len(self.examples["train"]), self.plan(num_processes).steps_per_epoch
+        return self._summary(n_train, num_processes, per_epoch)
+
+    def _summary(self, train_prompts: int | str, num_processes: int, batches_per_epoch: int | None) -> dict:
         m = self.cfg.method_config
         return {
             "method": self.cfg.method,
             "model": self.model_path,
             "lora": self.cfg.model.lora.enabled,
-            "train_prompts": len(self.examples["train"]),
+            "train_prompts": train_prompts,
             "eval_prompts": len(self.examples.get("eval", [])),
             "tokenize": {k: vars(v) for k, v in self.stats.items()},
             "rewards": [{"name": f.name, "weight": f.weight} for f in self.rewards],
             "processes": num_processes,
             "optimizer_steps": self.total_steps(num_processes),
-            "sample_batches_per_epoch": self.plan(num_processes).steps_per_epoch,
+            "sample_batches_per_epoch": batches_per_epoch,
             "completions_per_batch": m.prompts_per_batch * m.completions_per_prompt,
             "optimizer_steps_per_batch": m.updates_per_batch,
             "reference": "none (beta = 0)"
@@ -215,7 +219,12 @@ def _check_vocabulary(examples: list[PairExample] | list[UnpairedExample], size:
 
 
 def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
-    """Prompt data, its tokenisation and the reward functions of an online method, all checked."""
+    """Prompt data, its tokenisation and the reward functions of an online method, all checked (with
+    ``data.streaming``: :func:`prepare_prompt_stream`)."""
+    if cfg.data.streaming:
+        from .prepare_stream import prepare_prompt_stream
+
+        return prepare_prompt_stream(cfg, log)
     rows = _load_split_rows(cfg, log, keep_all=True)
     for split, split_rows_ in rows.items():
         if not split_rows_:
@@ -224,23 +233,32 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
             )
         validate_prompt_rows(split_rows_)
     check_batch_fits(cfg, len(rows["train"]))  # before the reward functions and the tokenizer load
+    rewards = _load_rewards(cfg)
+    model_path = resolve_model_path(cfg.model.name_or_path, log)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    examples, stats = {}, {}
+    for split, split_rows_ in rows.items():
+        examples[split], stats[split] = _tokenize_prompt_split(cfg, split, split_rows_, tokenizer, log)
+    return PreparedPrompts(cfg, model_path, tokenizer, examples, stats, rewards)
+
+
+def _load_rewards(cfg: TrainConfig) -> list[RewardFunction]:
+    """The method's reward functions, each with a unique name (they key the per-function metrics)."""
     rewards = [load_reward(spec) for spec in cfg.method_config.rewards]
     seen: dict[str, int] = {}
-    for f in rewards:  # unique names: they key the per-function metrics
+    for f in rewards:
         seen[f.name] = seen.get(f.name, 0) + 1
         if seen[f.name] > 1:
             f.name = f"{f.name}#{seen[f.name]}"
-    model_path = resolve_model_path(cfg.model.name_or_path, log)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    return rewards
+
+
+def _tokenize_prompt_split(cfg: TrainConfig, split: str, rows: list[dict], tokenizer, log):
     max_prompt = cfg.data.max_prompt_length
-    examples, stats = {}, {}
-    for split, split_rows_ in rows.items():
-        examples[split], stats[split] = tokenize_prompts(split_rows_, tokenizer, max_prompt_length=max_prompt)
-        if stats[split].truncated:
-            log(
-                f"{split} prompts: {stats[split].truncated} of {stats[split].total} kept their last {max_prompt} tokens"
-            )
-    return PreparedPrompts(cfg, model_path, tokenizer, examples, stats, rewards)
+    examples, stats = tokenize_prompts(rows, tokenizer, max_prompt_length=max_prompt)
+    if stats.truncated:
+        log(f"{split} prompts: {stats.truncated} of {stats.total} kept their last {max_prompt} tokens")
+    return examples, stats
 
 
 def _unpaired(prep: Prepared) -> Prepared:
@@ -263,6 +281,8 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared | PreparedPrompts:
     if kind == "online":
         return prepare_prompts(cfg, log)
     if cfg.data.streaming:
+        from .prepare_stream import prepare_stream
+
         return prepare_stream(cfg, log)
     # data.token_cache: the tokenised examples of this data, tokenizer and settings may be on disk already
     model_path = resolve_model_path(cfg.model.name_or_path, log)
@@ -309,25 +329,40 @@ def _read_and_tokenize(cfg: TrainConfig, tokenizer, log=print) -> tuple[dict, di
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
-        if unpaired:
-            validate_unpaired_rows(split_rows_)
-            continue
-        has_margin = kind == "reward_model" and cfg.method_config.use_margin
-        has_margin = has_margin and any(r.get("margin") is not None for r in split_rows_)
-        # a margin in some rows only would be used in some batches only: all rows or none
-        validate_rows(
-            split_rows_, require_scores=cfg.method_config.requires_scores, require_margin=has_margin
-        )
-    tokenize = tokenize_unpaired_rows if unpaired else tokenize_rows
+        _check_rows(cfg, split_rows_, unpaired)
     examples, stats = {}, {}
     for split, split_rows_ in rows.items():
-        examples[split], stats[split] = tokenize(
-            split_rows_,
-            tokenizer,
-            max_length=cfg.data.max_length,
-            max_prompt_length=cfg.data.max_prompt_length,
-        )
+        examples[split], stats[split] = _tokenize_split(cfg, split_rows_, tokenizer, unpaired)
     return examples, stats, logged
+
+
+def _check_rows(cfg: TrainConfig, rows: list[dict], unpaired: bool) -> None:
+    """One split's rows checked (a :class:`DataError` naming each bad row's file and line)."""
+    if unpaired:
+        validate_unpaired_rows(rows)
+        return
+    m = cfg.method_config
+    # a margin in some rows only would be used in some batches only: all rows or none
+    has_margin = m.kind == "reward_model" and m.use_margin and any(r.get("margin") is not None for r in rows)
+    validate_rows(rows, require_scores=m.requires_scores, require_margin=has_margin)
+
+
+def _tokenize_split(cfg: TrainConfig, rows: list[dict], tokenizer, unpaired: bool):
+    """One split's checked rows tokenised: (examples, :class:`TokenizeStats`)."""
+    tokenize = tokenize_unpaired_rows if unpaired else tokenize_rows
+    return tokenize(
+        rows, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
+    )
+
+
+def tokens_cached(cfg: TrainConfig) -> bool:
+    """Whether ``data.token_cache`` holds this config's tokenised data (whole-file runs only): its rows were
+    checked when it was written, so ``validate`` need not read the file again."""
+    if cfg.data.streaming or not cfg.data.token_cache:
+        return False
+    model_path = resolve_model_path(cfg.model.name_or_path, lambda *_: None)
+    key = _token_cache_key(cfg, load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code))
+    return key is not None and token_cache.load(key) is not None
 
 
 def _token_cache_key(cfg: TrainConfig, tokenizer) -> str | None:
@@ -342,83 +377,3 @@ def _token_cache_key(cfg: TrainConfig, tokenizer) -> str | None:
         "use_margin": m.kind == "reward_model" and m.use_margin,
     }  # fmt: skip
     return token_cache.cache_key({"train": d.train, "eval": d.eval}, tokenizer, settings)
-
-
-@dataclass
-class PreparedStream(Prepared):
-    """A streamed run's data (``data.streaming``): ``examples["train"]`` is an
-    :class:`~preftune.data.stream.ExampleStream`, read, checked and tokenised as training consumes it;
-    ``examples["eval"]`` (``data.eval``) is loaded whole as without streaming."""
-
-    def summary(self, num_processes: int = 1) -> dict:
-        from .reference import uses_reference
-
-        t, d = self.cfg.training, self.cfg.data
-        per_step = t.batch_size * t.grad_accum * num_processes
-        summary = {
-            "method": self.cfg.method,
-            "model": self.model_path,
-            "lora": self.cfg.model.lora.enabled,
-            "train_pairs": f"streamed from {d.train} (read, checked and tokenised as consumed)",
-            "eval_pairs": len(self.examples.get("eval", [])),
-            "streaming": {"shuffle_buffer": d.shuffle_buffer, "seed": t.seed},
-            "tokenize": {k: vars(v) for k, v in self.stats.items() if k != "train"},
-            "processes": num_processes,
-            "optimizer_steps": t.max_steps,
-            "steps_per_epoch": None,
-            "pairs_per_step": per_step,
-        }
-        if uses_reference(self.cfg):
-            summary["reference"] = (
-                "adapters disabled, on every batch"
-                if self.cfg.model.lora.enabled
-                else "frozen copy, on every batch"
-            ) + " (data.streaming: no precomputed log-probs, the data is not known before step 1)"
-        return summary
-
-
-def prepare_stream(cfg: TrainConfig, log=print) -> PreparedStream:
-    """The streamed train data (nothing read yet but the first record, to fail early on a missing file, a JSON
-    list or a missing column) and the eval data, loaded and checked whole as :func:`prepare` does."""
-    from ..data.load import iter_rows
-    from ..data.stream import PairProcessor, pair_stream
-
-    d, m = cfg.data, cfg.method_config
-    columns = dict(vars(d.columns))
-    first = next(iter_rows(d.train, columns=columns, split=d.split), None)
-    if first is None:
-        raise DataError(f"train data ({d.train}) has no records")
-    model_path = resolve_model_path(cfg.model.name_or_path, log)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    size = vocab_size(model_path, tokenizer, cfg.model.trust_remote_code)
-    use_margin = cfg.method_config.kind == "reward_model" and m.use_margin
-    examples, stats = {}, {}
-    if d.eval:
-        rows = load_rows(d.eval, columns=columns, split=d.eval_split)
-        if not rows:
-            raise DataError(f"eval data ({d.eval}) has no records")
-        has_margin = use_margin and any(r.get("margin") is not None for r in rows)
-        validate_rows(rows, require_scores=m.requires_scores, require_margin=has_margin)
-        examples["eval"], stats["eval"] = tokenize_rows(
-            rows, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length
-        )
-        if not examples["eval"]:
-            raise DataError(f"eval data: every pair was dropped by tokenisation ({vars(stats['eval'])})")
-        _check_vocabulary(examples["eval"], size, "eval")
-        if m.requires_scores:
-            _check_odpo_scores(cfg, examples["eval"], "eval")
-
-    def check(example: PairExample) -> None:
-        _check_vocabulary([example], size, "train data (streamed)")
-        if m.requires_scores:
-            _check_odpo_scores(cfg, [example], "train data (streamed)")
-
-    processor = PairProcessor(
-        tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        require_scores=m.requires_scores, require_margin=None if use_margin else False, check=check, log=log,
-    )  # fmt: skip
-    examples["train"] = pair_stream(
-        d.train, processor, columns=columns, split=d.split, buffer=d.shuffle_buffer, seed=cfg.training.seed
-    )
-    stats["train"] = processor.stats  # counts as the stream is consumed
-    return PreparedStream(cfg, model_path, tokenizer, examples, stats)

@@ -40,6 +40,18 @@ def uses_reference(cfg: TrainConfig) -> bool:
     return cfg.method_config.uses_reference()
 
 
+def precomputes_reference(cfg: TrainConfig) -> bool:
+    """Whether π_ref's log-probs are computed once before training (pair methods, ``training.precompute_ref``)
+    rather than by a reference that runs on every batch. Never for a streamed run: that would need every
+    record before step 1."""
+    return (
+        uses_reference(cfg)
+        and cfg.method_config.kind == "pair"
+        and cfg.training.precompute_ref
+        and not cfg.data.streaming
+    )
+
+
 def setup_reference(policy, cfg: TrainConfig, model_path: str, *, policy_trained: bool) -> Reference:
     """π_ref for a run whose reference runs while the policy trains (pair methods without precomputed
     log-probs, KTO, online methods at β > 0, the online evaluator): adapters off under LoRA, else a frozen
@@ -122,6 +134,17 @@ class Reference:
         with self._model() as model:
             return pair_logps(model, pairs, pad_token_id, share_prefix)
 
+    def completion_logps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        pad_token_id: int,
+        share: bool,
+    ) -> torch.Tensor:
+        """(B,) log π_ref of one completion per prompt (see :func:`completion_logps`)."""
+        with self._model() as model:
+            return completion_logps(model, prompts, completions, pad_token_id, share)
+
     def sequence_logps(
         self, input_ids, attention_mask, response_mask, *, temperature: float = 1.0
     ) -> torch.Tensor:
@@ -162,6 +185,21 @@ def pair_logps(
         pad_token_id,
         share_prefix=share_prefix,
     )
+
+
+def completion_logps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+    share_prefix: bool = True,
+) -> torch.Tensor:
+    """(B,) log π(y|x) of one completion per prompt, through the same path as :func:`pair_logps` (groups of
+    one), so a half of a pair computed alone equals that half of the pair."""
+    flat, completion, _ = shared_prefix_logps(
+        model, prompts, [[c] for c in completions], pad_token_id, share=share_prefix
+    )
+    return torch.zeros(len(prompts), dtype=torch.float32, device=flat.device).index_add(0, completion, flat)
 
 
 def pair_reference_logps(

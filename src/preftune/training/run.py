@@ -34,11 +34,12 @@ from .loop import evaluate, fit
 from .online_dpo import train_online_dpo
 from .pairs import PairFamily
 from .ppo import train_ppo
-from .prepare import Prepared, PreparedPrompts, prepare
+from .prepare import Prepared, PreparedPrompts, prepare, tokens_cached
 from .reference import (
     build_reference,
     load_pair_logps,
     pair_reference_logps,
+    precomputes_reference,
     reference_cache_file,
     save_pair_logps,
     setup_reference,
@@ -316,7 +317,7 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
             "data.streaming: the reference runs on every batch (precomputed log-probs would need every record "
             "before step 1); training.precompute_ref does not apply"
         )
-    if not cfg.training.precompute_ref or cfg.data.streaming:
+    if not precomputes_reference(cfg):
         family.reference = setup_reference(
             s.model, cfg, prep.model_path, policy_trained=s.resume_from is not None
         )
@@ -380,6 +381,21 @@ def _scan_train_data(cfg: TrainConfig) -> None:
         raise DataError(scan.message())
 
 
+def _scan_prompt_data(cfg: TrainConfig) -> None:
+    """A streamed online run's training prompts read once with bounded memory (``data/stream.py``): the
+    first 20 problems with their lines and the count of the rest, as :func:`_scan_train_data`; then whether
+    a batch of samples fits in the prompts there are."""
+    from ..data import DataError
+    from ..data.stream import scan_prompts
+    from .prepare import check_batch_fits
+
+    d = cfg.data
+    scan = scan_prompts(d.train, columns=dict(vars(d.columns)), split=d.split)
+    if scan.problems:
+        raise DataError(scan.message())
+    check_batch_fits(cfg, scan.rows)
+
+
 def validate(
     config: TrainConfig | dict | str | Path, *, load_weights: bool = True, num_processes: int = 1, log=print
 ) -> dict:
@@ -390,8 +406,10 @@ def validate(
 
     cfg = load_config(config)
     check_mixed_precision(cfg.training)
-    if cfg.method_config.kind in ("pair", "reward_model"):
-        _scan_train_data(cfg)
+    if cfg.method_config.kind in ("pair", "reward_model") and not tokens_cached(cfg):
+        _scan_train_data(cfg)  # (a token-cache hit: the rows were checked when the entry was written)
+    if cfg.method_config.kind == "online" and cfg.data.streaming:
+        _scan_prompt_data(cfg)
     prep = prepare(cfg, log)
     summary = prep.summary(num_processes)
     if load_weights:
@@ -400,10 +418,9 @@ def validate(
             stream = prep.examples["train"]
             sample = [stream[i] for i in range(PLAN_SAMPLE)]
             prep = dataclasses.replace(prep, examples={**prep.examples, "train": sample})
-            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precompute_ref=False))
             summary["memory_plan_note"] = (
-                f"activations of the longest micro-batch of the first {PLAN_SAMPLE} streamed pairs "
-                f"(data.max_length {cfg.data.max_length} bounds every pair)"
+                f"activations of the longest micro-batch of the first {PLAN_SAMPLE} streamed records "
+                f"(data.max_length {cfg.data.max_length} bounds every record)"
             )
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -413,7 +430,7 @@ def validate(
             else "adapters disabled"
             if cfg.model.lora.enabled
             else "precomputed"
-            if cfg.training.precompute_ref
+            if precomputes_reference(cfg)
             else "frozen copy"
         )
         summary["memory_plan"] = plan_run(cfg, prep, model, num_processes).to_dict()
