@@ -118,7 +118,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # the first chunk's product, the others added in place (no zero-filled (V, H) buffer)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
@@ -133,9 +133,14 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += dz.t() @ h.float()
+                    if grad_w is None:
+                        grad_w = dz.t() @ h.float()
+                    else:
+                        grad_w.addmm_(dz.t(), h.float())
                 if need_b:
                     grad_b += dz.sum(dim=0)
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None

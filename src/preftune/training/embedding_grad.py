@@ -28,25 +28,27 @@ import torch.nn.functional as F
 
 class _LookupIntoGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, ids, weight, padding_idx):
+    def forward(ctx, anchor, ids, module):
+        # the module, not its weight, is the argument: a tensor argument would make this node a producer of
+        # the weight's gradient, and its accumulator would wait for this backward
         ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight.detach())
+        ctx.module = module
+        return F.embedding(ids, module.weight.detach())
 
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        weight = ctx.weight
+        weight, padding_idx = ctx.module.weight, ctx.module.padding_idx
         rows = ids.reshape(-1)
         grads = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
-        if ctx.padding_idx is not None:
-            keep = rows != ctx.padding_idx
+        if padding_idx is not None:
+            keep = rows != padding_idx
             rows, grads = rows[keep], grads[keep]
         with torch.no_grad():
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
             weight.grad.index_add_(0, rows, grads)
-        return None, None, None, None
+        return None, None, None
 
 
 class IndexGradEmbedding(torch.nn.Embedding):
@@ -57,7 +59,7 @@ class IndexGradEmbedding(torch.nn.Embedding):
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(input)
         anchor = torch.empty(0, device=self.weight.device, requires_grad=True)
-        return _LookupIntoGrad.apply(anchor, input, self.weight, self.padding_idx)
+        return _LookupIntoGrad.apply(anchor, input, self)
 
 
 def use_index_grad_embedding(model: torch.nn.Module) -> bool:
