@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_grpo import quiet, reward_module, rows  # noqa: F401 (reward_module: a fixture)
+from test_streaming import two_processes_equal_one
 
 import preftune
 import preftune.data.stream as stream_module
@@ -257,17 +257,7 @@ def test_two_processes_stream_the_same_batches_as_one(tmp_path, tiny_model_dir):
             tiny_model_dir, data, tmp_path / name, training={"max_steps": 3}, grpo={"prompts_per_batch": 4}
         )
         (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg), encoding="utf-8")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "preftune.cli"]
-    done = subprocess.run(
-        [*launch, "train", str(tmp_path / "two.yaml")], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    subprocess.run(
-        [sys.executable, "-m", "preftune.cli", "train", str(tmp_path / "one.yaml")], env=env, check=True,
-        capture_output=True, timeout=300,
-    )  # fmt: skip
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("two", "one"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    two_processes_equal_one(tmp_path, env)
     for r2, r1 in zip(rows(tmp_path / "two"), rows(tmp_path / "one"), strict=True):
         assert r2["epoch"] == r1["epoch"] and r2["reward"] == pytest.approx(r1["reward"], abs=1e-6)
     assert [r["epoch"] for r in rows(tmp_path / "one")] == [0, 0, 1]

@@ -295,14 +295,9 @@ def test_scan_problems_are_validate_rows_problems(tmp_path):
     assert scan.message() == str(whole.value)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_two_processes_stream_the_same_steps_as_one(tmp_path, tiny_model_dir):
-    """2 gloo ranks × 2 pairs == 1 process × 4 pairs on a stream that starts a second pass at step 3."""
-    data = write_jsonl(tmp_path / "p.jsonl", pair_records(10))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    for name, batch in (("two", 2), ("one", 4)):
-        cfg = raw_config(tiny_model_dir, data, tmp_path / name, **streamed(max_steps=3, batch_size=batch))
-        (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg), encoding="utf-8")
+def two_processes_equal_one(tmp_path: Path, env: dict) -> None:
+    """Train ``tmp_path/two.yaml`` on 2 gloo processes and ``one.yaml`` on one; their final weights agree to
+    fp32 reduction order."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "preftune.cli"]
     done = subprocess.run(
         [*launch, "train", str(tmp_path / "two.yaml")], env=env, capture_output=True, text=True, timeout=300
@@ -314,6 +309,17 @@ def test_two_processes_stream_the_same_steps_as_one(tmp_path, tiny_model_dir):
     )  # fmt: skip
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("two", "one"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_two_processes_stream_the_same_steps_as_one(tmp_path, tiny_model_dir):
+    """2 gloo ranks × 2 pairs == 1 process × 4 pairs on a stream that starts a second pass at step 3."""
+    data = write_jsonl(tmp_path / "p.jsonl", pair_records(10))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    for name, batch in (("two", 2), ("one", 4)):
+        cfg = raw_config(tiny_model_dir, data, tmp_path / name, **streamed(max_steps=3, batch_size=batch))
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg), encoding="utf-8")
+    two_processes_equal_one(tmp_path, env)
     for r2, r1 in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
         assert r2["examples"] == r1["examples"] == 4 and r2["epoch"] == r1["epoch"]
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-6)

@@ -34,7 +34,11 @@ class RewardModelFamily:
         self, cfg: TrainConfig, examples: dict[str, Sequence[PairExample]], pad_token_id: int, eos_id
     ):
         self.cfg = cfg
-        self.examples = {k: [strip_eos(e, eos_id) for e in v] for k, v in examples.items()}
+        strip = lambda e: strip_eos(e, eos_id)  # noqa: E731
+        # a streamed split (data/stream.py) strips each example as it is read
+        self.examples = {
+            k: v.map(strip) if hasattr(v, "map") else [strip(e) for e in v] for k, v in examples.items()
+        }
         self.pad_token_id = pad_token_id
 
     def lengths(self, split: str) -> list[int]:

@@ -45,7 +45,7 @@ from .reference import (
     setup_reference,
     uses_reference,
 )
-from .reward_model import RewardModelFamily, strip_eos
+from .reward_model import RewardModelFamily
 from .rundir import RunDirError, check_run_dir, create_run_dir
 from .sharding import SHARDED_DIR, is_sharded, save_full, shard_model
 from .signals import StopSignals, stop_signals
@@ -138,14 +138,7 @@ def train_unpaired(s: Session) -> dict:
 
 def train_reward_model(s: Session) -> dict:
     tok = s.prep.tokenizer
-    if not s.cfg.data.streaming:
-        return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
-    stream = s.prep.examples["train"]  # streamed: the family strips each EOS as the example is read
-    family = RewardModelFamily(
-        s.cfg, {k: v for k, v in s.prep.examples.items() if k != "train"}, tok.pad_token_id, tok.eos_token_id
-    )
-    family.examples["train"] = stream.map(lambda e: strip_eos(e, tok.eos_token_id))
-    return _fit_offline(s, family)
+    return _fit_offline(s, RewardModelFamily(s.cfg, s.prep.examples, tok.pad_token_id, tok.eos_token_id))
 
 
 # method -> its trainer: the family it batches with and the loop it runs (every method of
