@@ -33,11 +33,15 @@ def validate_rows(
     for i, row in enumerate(rows):
         problems.extend(row_problems(row, i, require_scores=require_scores, require_margin=require_margin))
     if problems:
-        shown = problems[:max_errors]
-        lines = [f"{len(problems)} problem(s) in {len(rows)} row(s):"] + [f"  {p}" for p in shown]
-        if len(problems) > len(shown):
-            lines.append(f"  ... and {len(problems) - len(shown)} more")
-        raise DataError("\n".join(lines))
+        raise DataError(problems_message(problems[:max_errors], len(problems), len(rows)))
+
+
+def problems_message(shown: list[str], count: int, rows: int) -> str:
+    """The one message of bad rows: the count, the ``shown`` problems one a line, then how many more."""
+    lines = [f"{count} problem(s) in {rows} row(s):"] + [f"  {p}" for p in shown]
+    if count > len(shown):
+        lines.append(f"  ... and {count - len(shown)} more")
+    return "\n".join(lines)
 
 
 def row_problems(row: dict, i: int, *, require_scores: bool, require_margin: bool) -> list[str]:

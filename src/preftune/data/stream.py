@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.checks import row_problems
+from preftune.data.checks import problems_message, row_problems
 from preftune.data.load import iter_rows
 from preftune.data.prompts import PromptExample, PromptStats, prompt_row_problems, tokenize_prompt
 from preftune.data.tokenize import MAX_NAMED_DROPS, TokenizeStats, _tokenize
@@ -73,10 +73,7 @@ class Scan:
 
     def message(self) -> str:
         """:func:`preftune.data.checks.validate_rows`' message: the count, the first problems, the rest's count."""
-        lines = [f"{self.problems} problem(s) in {self.rows} row(s):"] + [f"  {p}" for p in self.shown]
-        if self.problems > len(self.shown):
-            lines.append(f"  ... and {self.problems - len(self.shown)} more")
-        return "\n".join(lines)
+        return problems_message(self.shown, self.problems, self.rows)
 
 
 def scan_pairs(

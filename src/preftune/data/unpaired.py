@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.data.checks import assistant_last, text_fields
+from preftune.data.checks import assistant_last, problems_message, text_fields
 from preftune.data.collate import pack_sequences
 from preftune.data.tokenize import (
     MAX_NAMED_DROPS,
@@ -57,11 +57,7 @@ def validate_unpaired_rows(rows: list[dict], *, max_errors: int = 10) -> None:
     prompt or completion, a string prompt with a message-list completion, ...)."""
     problems = [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
     if problems:
-        shown = problems[:max_errors]
-        lines = [f"{len(problems)} problem(s) in {len(rows)} row(s):"] + [f"  {p}" for p in shown]
-        if len(problems) > len(shown):
-            lines.append(f"  ... and {len(problems) - len(shown)} more")
-        raise DataError("\n".join(lines))
+        raise DataError(problems_message(problems[:max_errors], len(problems), len(rows)))
 
 
 def unpaired_row_problems(row: dict, i: int) -> list[str]:
