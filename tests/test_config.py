@@ -254,8 +254,12 @@ def test_leave_one_out_implies_scale_none_unless_set():
     explicit = train_config_from_dict({**online, "grpo": {"baseline": "leave_one_out", "scale": "group"}})
     assert explicit.grpo.scale == "group"  # set: kept
     assert train_config_from_dict(online).grpo.scale == "group"
-    again = train_config_from_dict(cfg.to_dict())  # the written config holds the resolved value
-    assert again == cfg and cfg.to_dict()["grpo"]["scale"] == "none"
+    again = train_config_from_dict(cfg.to_dict())  # the written config holds null: the baseline's own
+    assert again == cfg and cfg.to_dict()["grpo"]["scale"] is None
+    assert (
+        explicit.to_dict()["grpo"]["scale"] == "group"
+        and train_config_from_dict(explicit.to_dict()) == explicit
+    )
 
 
 def test_kl_horizon_is_in_batches_and_the_old_key_is_deprecated():
@@ -267,5 +271,36 @@ def test_kl_horizon_is_in_batches_and_the_old_key_is_deprecated():
     assert train_config_from_dict(cfg.to_dict()) == cfg  # the written config needs no deprecated key
     with pytest.raises(ConfigError, match="both set"):
         train_config_from_dict({**online, "ppo": {"kl_horizon": 100, "kl_horizon_batches": 5}})
+    with pytest.raises(ConfigError, match="both set"):  # set to the default value: still both set
+        train_config_from_dict({**online, "ppo": {"kl_horizon": 100, "kl_horizon_batches": 20}})
     with pytest.raises(ConfigError, match="kl_horizon_batches must be > 0"):
         train_config_from_dict({**online, "ppo": {"kl_horizon_batches": 0}})
+
+
+def test_a_rebuilt_grpo_config_takes_the_new_policy_losss_own_clip_range(tmp_path):
+    """An unset clip range / aggregation / scale is written as null, so a config rebuilt with overrides (a
+    TrainConfig, or a run's saved config.yaml) with another policy_loss or baseline takes that one's own
+    values, not the first one's; a value set by hand stays."""
+    from preftune import load_config
+    from preftune.losses import POLICY_LOSSES
+    from preftune.training.rundir import _check_resume_config
+
+    grpo = load_config({"method": "grpo", "data": {"train": "prompts.jsonl"}})
+    assert (grpo.grpo.epsilon_low, grpo.grpo.aggregation, grpo.grpo.scale) == (0.2, "token_mean", "group")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(grpo.to_dict()))
+    for start in (grpo, saved):
+        gspo = load_config(start, ["grpo.policy_loss=gspo"]).grpo
+        own = POLICY_LOSSES["gspo"]
+        assert (gspo.epsilon_low, gspo.epsilon_high, gspo.aggregation) == (3e-4, 4e-4, "sequence_mean")
+        assert (own.epsilon_low, own.epsilon_high, own.aggregation) == (3e-4, 4e-4, "sequence_mean")
+        assert (
+            load_config(start, ["grpo.baseline=leave_one_out"]).grpo.scale == "none"
+        )  # RLOO, not GRPO × G/(G−1)
+    mine = load_config(grpo, ["grpo.epsilon_high=0.28"])
+    assert load_config(mine, ["grpo.policy_loss=cispo"]).grpo.epsilon_high == 0.28
+    # a run saved by an earlier version (the resolved values written out) still resumes with the same config
+    old = grpo.to_dict()
+    old["grpo"].update(epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean", scale="group")
+    saved.write_text(yaml.safe_dump(old))
+    _check_resume_config(saved, grpo)

@@ -108,6 +108,24 @@ def test_load_reward_vader_and_module(tmp_path, monkeypatch):
         rewards.load_reward("sentiment")
 
 
+def test_two_rewards_of_one_name_are_summed_and_keyed_apart():
+    """Two ``regex`` rewards with different patterns: Σ w_k r_k uses each one's own values (not the last's
+    for both), and their per-function values are ``regex`` and ``regex#2``."""
+    fs = [
+        rewards.load_reward({"name": "regex", "pattern": "good"}),
+        rewards.load_reward({"name": "regex", "pattern": "bad", "weight": -2.0}),
+        rewards.load_reward({"name": "length", "target": 2, "weight": 0.5}),
+    ]
+    totals, per = rewards.score_all(fs, ["p", "p"], ["good film", "bad film"], [[1, 2], [3, 4]], {})
+    assert (
+        per["regex"] == [1.0, 0.0]
+        and per["regex#2"] == [0.0, 1.0]
+        and list(per) == ["regex", "regex#2", "length"]
+    )
+    length = per["length"]
+    assert totals == pytest.approx([1.0 + 0.5 * length[0], -2.0 + 0.5 * length[1]])
+
+
 def load_and_call(spec, prompts, responses):
     return rewards.load_reward(spec)(prompts, responses)
 

@@ -147,7 +147,9 @@ def test_each_policy_loss_trains(tmp_path, tiny_model_dir, prompts, reward_modul
     assert all(train_rows[1][k] > 0 for k in spec.shares if k.endswith("region"))
     if spec.per == "sequences":  # shares of the step's 2 × 4 completions
         assert all((r[k] * 8).is_integer() for r in train_rows for k in spec.shares)
-    resolved = yaml.safe_load((run / "config.yaml").read_text())["grpo"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["grpo"]  # unset: the policy loss's own
+    assert (saved["epsilon_low"], saved["epsilon_high"], saved["aggregation"]) == (None, None, None)
+    resolved = json.loads((run / "data_summary.json").read_text())["method_settings"]  # as trained
     assert (resolved["epsilon_low"], resolved["epsilon_high"], resolved["aggregation"]) == (
         spec.epsilon_low,
         spec.epsilon_high,

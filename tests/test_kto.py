@@ -242,6 +242,19 @@ def test_missing_and_non_boolean_labels_name_file_and_line(tmp_path, tiny_model_
     assert "line 1:" not in message
 
 
+def test_every_bad_record_is_counted_over_both_splits(tmp_path, tiny_model_dir):
+    """With data.eval_fraction the bad records of both splits are in one message: 15 of 19 rows bad, all 15
+    counted and listed (up to 20), none hidden in the held-out part."""
+    records = unpaired_records(19)
+    for r in records[4:]:
+        r["label"] = "yes"
+    message = validate_error(tmp_path, tiny_model_dir, records, data={"eval_fraction": 0.25})
+    assert message.startswith("15 problem(s) in 19 row(s):")
+    assert sorted(int(line.split(" line ")[1].split(":")[0]) for line in message.splitlines()[1:]) == list(
+        range(5, 20)
+    )
+
+
 def test_one_label_only_is_refused_with_counts(tmp_path, tiny_model_dir):
     records = [r for r in unpaired_records(6) if r["label"]]
     message = validate_error(tmp_path, tiny_model_dir, records)

@@ -83,7 +83,7 @@ def test_ppo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
         tmp_path / "run",
         data={"eval_fraction": 0.25},
         training={"eval_every": 2},
-        ppo={"adaptive_kl": True, "target_kl": 0.01, "kl_horizon_batches": 25, "log_completions_every": 1},
+        ppo={"adaptive_kl": True, "target_kl": 0.01, "kl_horizon_batches": 25, "log_completions_every": 4},
     )
     run = train(cfg, log=quiet)
     train_rows = rows(run)
@@ -107,6 +107,8 @@ def test_ppo_end_to_end(tmp_path, tiny_model_dir, prompts, reward_module):
     assert [r["step"] for r in evals] == [0, 2, 4] and evals[0]["kl"] == 0.0 and evals[-1]["kl"] != 0.0
     samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "advantage"} <= set(samples[0])
+    # every 4 steps at 2 steps a batch: the first batch (step 1) and the batch of steps 3-4, logged at its first
+    assert sorted({s["step"] for s in samples}) == [1, 3]
     base = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(run / "model" / "model.safetensors")
     assert any(not torch.equal(base[k], trained[k]) for k in base)  # the policy moved

@@ -191,3 +191,62 @@ def test_no_method_name_switches_outside_the_registry():
             if pattern.search(line):
                 offenders.append(f"{rel}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def _config_keys() -> dict[str, object]:
+    """Every key of a training config (``section.key``, nested ``model.lora.r``) and its default as YAML holds
+    it (a method section's unset keys: null)."""
+    import typing
+
+    def walk(obj, prefix: str) -> dict[str, object]:
+        out = {}
+        values = obj.to_section() if hasattr(obj, "to_section") else vars(obj)
+        for f in dataclasses.fields(obj):
+            if f.name == "method_config":
+                continue
+            value = values[f.name]
+            if dataclasses.is_dataclass(typing.get_type_hints(type(obj))[f.name]):
+                out.update(walk(getattr(obj, f.name), f"{prefix}{f.name}."))
+            else:
+                out[f"{prefix}{f.name}"] = value
+        return out
+
+    base = TrainConfig()
+    keys = {
+        k: v
+        for section in ("model", "data", "training", "generation")
+        for k, v in walk(getattr(base, section), f"{section}.").items()
+    }
+    for name, section in METHOD_SECTIONS.items():
+        keys.update(walk(section(), f"{name}."))
+    return keys
+
+
+def test_the_config_reference_lists_every_key_with_its_default():
+    """docs/config.md has one row per config key, its default as YAML writes it, and a meaning; no row for
+    a key that does not exist."""
+    import json
+
+    rows = {
+        m.group(1): (m.group(2), m.group(3).strip())
+        for line in (ROOT / "docs" / "config.md").read_text().splitlines()
+        if (m := re.match(r"^\| `([\w.]+)` \| `(.*)` \| (.*) \|$", line))
+    }
+    keys = _config_keys()
+    assert set(rows) == set(keys), (sorted(set(keys) - set(rows)), sorted(set(rows) - set(keys)))
+
+    def yaml_text(v) -> str:
+        return (
+            "null"
+            if v is None
+            else str(v).lower()
+            if isinstance(v, bool)
+            else json.dumps(v)
+            if isinstance(v, (list, dict))
+            else str(v)
+        )
+
+    wrong = {k: (rows[k][0], yaml_text(v)) for k, v in keys.items() if rows[k][0] != yaml_text(v)}
+    assert not wrong, wrong
+    columns = [k for k in rows if k.startswith("data.columns.")]  # one meaning for the column names
+    assert all(rows[k][1] for k in rows if k not in columns[1:]), [k for k in rows if not rows[k][1]]

@@ -179,6 +179,10 @@ class MethodSection:
         """(holds, message) pairs; a message names its key as ``<method>.<field>``."""
         return []
 
+    def to_section(self) -> dict:
+        """The section as YAML holds it (:meth:`TrainConfig.to_dict`)."""
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class PairSection(MethodSection):
@@ -359,7 +363,7 @@ class GRPOConfig(OnlineSection):
     updates_per_batch: int = (
         1  # μ optimizer steps per batch of samples, each over all of it (μ > 1: π_old != π_θ)
     )
-    beta: float = 0.0  # KL coefficient; 0 = no reference model at all
+    beta: float = 0.0  # KL coefficient; 0 = no reference model in training (eval rows' KL: one made then)
     kl: str = option("k3", "KL_ESTIMATORS")  # k3 (paper) | k2; k1 only at beta 0 (zero expected gradient)
     # clip (paper) | gspo (sequence ratio) | cispo (clipped, detached IS weight)
     policy_loss: str = option("clip", "POLICY_LOSSES")
@@ -380,14 +384,25 @@ class GRPOConfig(OnlineSection):
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3
 
-    def __post_init__(self) -> None:
-        # RLOO divides by no std: with scale: group, leave_one_out would be GRPO × G/(G−1), not RLOO
-        if self.scale is None:
-            self.scale = "none" if self.baseline == "leave_one_out" else "group"
+    _OWN: ClassVar[tuple[str, ...]] = ("epsilon_low", "epsilon_high", "aggregation")  # the policy loss's own
+
+    def _defaults(self) -> dict:
+        """What an unset (null) key means with this section's policy_loss and baseline."""
         own = _losses().POLICY_LOSSES.get(self.policy_loss)  # an unknown name is refused when built
-        for key in ("epsilon_low", "epsilon_high", "aggregation"):
-            if getattr(self, key) is None and own is not None:
-                setattr(self, key, getattr(own, key))
+        # RLOO divides by no std: with scale: group, leave_one_out would be GRPO × G/(G−1), not RLOO
+        out = {"scale": "none" if self.baseline == "leave_one_out" else "group"}
+        return {**out, **({key: getattr(own, key) for key in self._OWN} if own is not None else {})}
+
+    def __post_init__(self) -> None:
+        for key, value in self._defaults().items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def to_section(self) -> dict:
+        """A value equal to what null means here is written as null, so a saved or rebuilt config with another
+        ``policy_loss`` or ``baseline`` takes that one's own (a GSPO run never inherits clip's 0.2)."""
+        out = dataclasses.asdict(self)
+        return {k: None if k in self._defaults() and v == self._defaults()[k] else v for k, v in out.items()}
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -441,7 +456,7 @@ class PPOConfig(OnlineSection):
     target_kl: float = 6.0  # nats per completion
     # the adaptive β's horizon, in batches of rollouts: after each batch β ← β·(1 + clip(KL/target − 1,
     # ±0.2)/horizon); 20 keeps Ziegler et al.'s rate per batch (their 10000 completions at 512 a batch)
-    kl_horizon_batches: float = DEFAULT_KL_HORIZON_BATCHES
+    kl_horizon_batches: float | None = None  # unset (null): 20
     kl_horizon: int | None = None  # deprecated (this release only): the horizon in completions
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
@@ -454,7 +469,7 @@ class PPOConfig(OnlineSection):
 
     def __post_init__(self) -> None:
         if self.kl_horizon is not None:  # the old key, in completions: the same rate per batch, in batches
-            if self.kl_horizon_batches != DEFAULT_KL_HORIZON_BATCHES:
+            if self.kl_horizon_batches is not None:  # (set to any value, 20 too)
                 raise ConfigError(
                     "ppo.kl_horizon (deprecated, in completions) and ppo.kl_horizon_batches are both set: "
                     "keep ppo.kl_horizon_batches"
@@ -469,6 +484,8 @@ class PPOConfig(OnlineSection):
                 stacklevel=2,
             )
             self.kl_horizon = None
+        elif self.kl_horizon_batches is None:
+            self.kl_horizon_batches = DEFAULT_KL_HORIZON_BATCHES
 
     @property
     def updates_per_batch(self) -> int:
@@ -600,7 +617,8 @@ class TrainConfig:
         """The config as YAML would hold it: the method's section under its name; the generation section of
         an offline method left out."""
         out = dataclasses.asdict(self)
-        section = out.pop("method_config")
+        out.pop("method_config")
+        section = self.method_config.to_section()
         if self.method not in ONLINE_METHODS:
             out.pop("generation")
         return {**out, self.method: section}

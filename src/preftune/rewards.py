@@ -355,11 +355,21 @@ def score_all(
     functions: Sequence[RewardFunction], prompts, completions, completion_ids, columns: dict
 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
     """Every function's rewards and their weighted sum per completion: Σ_k w_k r_k over the functions
-    that gave a value; ``None`` when none did."""
-    per_function = {f.name: f(prompts, completions, completion_ids, **columns) for f in functions}
+    that gave a value; ``None`` when none did. The per-function rewards are keyed by :func:`reward_keys`."""
+    values = [f(prompts, completions, completion_ids, **columns) for f in functions]
     totals: list[float | None] = []
     for i in range(len(completions)):
-        parts = [(f.weight, per_function[f.name][i]) for f in functions]
-        given = [w * v for w, v in parts if v is not None]
+        given = [f.weight * v[i] for f, v in zip(functions, values) if v[i] is not None]
         totals.append(sum(given) if given else None)
-    return totals, per_function
+    return totals, dict(zip(reward_keys(functions), values))
+
+
+def reward_keys(functions: Sequence[RewardFunction]) -> list[str]:
+    """One metric key per function: its name, and ``name#k`` for the k-th function of a name used more than
+    once (two ``regex`` rewards with different patterns are ``regex`` and ``regex#2``)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for f in functions:
+        seen[f.name] = seen.get(f.name, 0) + 1
+        keys.append(f.name if seen[f.name] == 1 else f"{f.name}#{seen[f.name]}")
+    return keys

@@ -15,11 +15,17 @@ from preftune.data.load import ID_FIELDS, MESSAGE_KEYS, NUMBER_FIELDS, TEXT_FIEL
 from preftune.data.tokenize import split_implicit_prompt
 from preftune.data.types import DataError
 
+MAX_SHOWN = 20  # problems a message lists (then "... and N more")
+
 # --- validation ----------------------------------------------------------------------------------------
 
 
 def validate_rows(
-    rows: list[dict], *, require_scores: bool = False, require_margin: bool = False, max_errors: int = 20
+    rows: list[dict],
+    *,
+    require_scores: bool = False,
+    require_margin: bool = False,
+    max_errors: int = MAX_SHOWN,
 ) -> None:
     """Check every row; raise one :class:`DataError` listing up to ``max_errors`` problems.
 

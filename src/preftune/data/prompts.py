@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from preftune.data.checks import text_kind
+from preftune.data.checks import MAX_SHOWN, problems_message, text_kind
 from preftune.data.tokenize import prompt_ids
 from preftune.data.types import DataError
 
@@ -60,13 +60,11 @@ def prompt_row_problems(row: dict, index: int) -> list[str]:
     return problems
 
 
-def validate_prompt_rows(rows: list[dict], *, max_errors: int = 10) -> None:
+def validate_prompt_rows(rows: list[dict], *, max_errors: int = MAX_SHOWN) -> None:
     """Raise :class:`DataError` listing up to ``max_errors`` bad rows, each with its file and line."""
     problems = [p for i, row in enumerate(rows) for p in prompt_row_problems(row, i)]
     if problems:
-        shown = problems[:max_errors]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise DataError(f"{len(problems)} problem(s) in the prompt data:\n  " + "\n  ".join(shown) + more)
+        raise DataError(problems_message(problems[:max_errors], len(problems), len(rows)))
 
 
 def tokenize_prompt(

@@ -30,14 +30,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.checks import problems_message, row_problems
+from preftune.data.checks import MAX_SHOWN, problems_message, row_problems
 from preftune.data.load import iter_rows
 from preftune.data.prompts import PromptExample, PromptStats, prompt_row_problems, tokenize_prompt
 from preftune.data.tokenize import MAX_NAMED_DROPS, TokenizeStats, _tokenize
 from preftune.data.types import DataError, PairExample
 from preftune.data.unpaired import tokenize_unpaired_row, unpaired_row_problems
-
-MAX_SHOWN = 20  # problems listed by validate (then "... and N more")
 
 
 def shuffled(rows: Iterable, buffer: int, rng: random.Random) -> Iterator:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.data.checks import assistant_last, problems_message, text_fields
+from preftune.data.checks import MAX_SHOWN, assistant_last, problems_message, text_fields
 from preftune.data.collate import pack_sequences
 from preftune.data.tokenize import (
     MAX_NAMED_DROPS,
@@ -51,7 +51,7 @@ def is_unpaired(rows: Sequence[dict]) -> bool:
     return any("completion" in r or "completion_ids" in r for r in rows)
 
 
-def validate_unpaired_rows(rows: list[dict], *, max_errors: int = 10) -> None:
+def validate_unpaired_rows(rows: list[dict], *, max_errors: int = MAX_SHOWN) -> None:
     """Check every unpaired row; raise one :class:`DataError` listing up to ``max_errors`` problems, each
     ``"<_source>: field '<name>': <what is wrong>"`` (a missing or non-boolean label, a missing or empty
     prompt or completion, a string prompt with a message-list completion, ...)."""

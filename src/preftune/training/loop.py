@@ -103,6 +103,14 @@ class StepPlan:
         micro = self._epoch(epoch)
         return epoch, micro[within * self.grad_accum : (within + 1) * self.grad_accum]
 
+    def state(self) -> dict:
+        """Nothing for a checkpoint: the plan is a pure function of (seed, epoch), replayed on resume (a
+        streamed plan, :class:`~preftune.data.stream.StreamPlan`, keeps its stream position here)."""
+        return {}
+
+    def restore(self, trainer_state: dict) -> None:
+        """Nothing to restore (see :meth:`state`)."""
+
     def step_examples(self, step: int) -> int:
         """Examples in optimizer step ``step`` over all ranks: the denominator of the step's mean loss (a
         last micro-batch can split unevenly over ranks, so no rank can use its own count)."""
@@ -207,7 +215,7 @@ def fit(
     h = StepHarness(
         cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, run_dir=run_dir, signals=signals,
         n_steps=total_steps(cfg, plan), params=params, resume_from=resume_from, log=log,
-        state=getattr(plan, "state", None), on_restore=getattr(plan, "restore", None),  # a stream's position
+        state=plan.state, on_restore=plan.restore,  # a stream's position (data/stream.py)
     )  # fmt: skip
     model = h.model
     limit = t.max_tokens_per_batch

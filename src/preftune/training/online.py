@@ -125,8 +125,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
     def restore(state: dict) -> None:  # resuming: the method's state, and the rollout of an unfinished batch
         nonlocal rollout
         method.load(s.resume_from, state)
-        if hasattr(plan, "restore"):  # data.streaming: the prompt stream's position (data/stream.py)
-            plan.restore(state)
+        plan.restore(state)  # data.streaming: the prompt stream's position (data/stream.py)
         rollout = Rollout.load(s.resume_from, acc.process_index) if state["step"] % updates else None
 
     def files(step: int):
@@ -146,7 +145,7 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
         cfg, accelerator=acc, model=s.model, tokenizer=tokenizer, run_dir=s.run_dir, signals=s.signals,
         n_steps=n_steps, groups=method.param_groups(params), params=params + method.extra_params(),
         resume_from=s.resume_from, on_restore=restore, files=files, log=s.log,
-        state=lambda: {**method.state(), **(plan.state() if hasattr(plan, "state") else {})},
+        state=lambda: {**method.state(), **plan.state()},
     )  # fmt: skip
     model, start_step = h.model, h.start_step
     completions_log = _CompletionsLog(s.run_dir / "completions.jsonl", acc, keep_until_step=start_step)
@@ -191,8 +190,8 @@ def train_online(s, method_class: type[OnlineMethod]) -> dict:
         row.update(
             timings, **{"time/train": now - trained, "tokens_per_s": sums["all_tokens"] / (now - began)}
         )
-        due = m.log_completions_every and ((step + 1) % m.log_completions_every == 0 or step == 0)
-        if due and iteration == 0:
+        every = m.log_completions_every  # a batch's samples, once, when one of its μ steps is a multiple
+        if every and iteration == 0 and (step == 0 or (step + updates) // every > step // every):
             completions_log.write(step + 1, rollout, examples)
         return row
 

@@ -6,6 +6,7 @@ function or reward-model folder is an error here, not after the first samples).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -133,12 +134,17 @@ class PreparedPrompts:
             "sample_batches_per_epoch": batches_per_epoch,
             "completions_per_batch": m.prompts_per_batch * m.completions_per_prompt,
             "optimizer_steps_per_batch": m.updates_per_batch,
-            "reference": "none (beta = 0)"
-            if not m.uses_reference()
-            else "adapters disabled"
-            if self.cfg.model.lora.enabled
-            else "frozen copy",
+            "reference": self._reference(),
+            "method_settings": dataclasses.asdict(m),  # as trained: unset (null) keys resolved
         }
+
+    def _reference(self) -> str:
+        kind = "adapters disabled" if self.cfg.model.lora.enabled else "frozen copy"
+        if self.cfg.method_config.uses_reference():
+            return kind
+        if "eval" in self.examples:  # online._Evaluator: the KL of its eval rows needs the starting model
+            return f"none in training (beta = 0); {kind} for the evaluation's KL"
+        return "none (beta = 0)"
 
 
 def check_batch_fits(cfg: TrainConfig, n_prompts: int) -> None:
@@ -231,7 +237,7 @@ def prepare_prompts(cfg: TrainConfig, log=print) -> PreparedPrompts:
             raise DataError(
                 f"{split} prompts ({cfg.data.train if split == 'train' else cfg.data.eval}) are empty"
             )
-        validate_prompt_rows(split_rows_)
+    validate_prompt_rows([r for split_rows_ in rows.values() for r in split_rows_])  # one list: every split
     check_batch_fits(cfg, len(rows["train"]))  # before the reward functions and the tokenizer load
     rewards = _load_rewards(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, log)
@@ -329,7 +335,7 @@ def _read_and_tokenize(cfg: TrainConfig, tokenizer, log=print) -> tuple[dict, di
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
-        _check_rows(cfg, split_rows_, unpaired)
+    _check_rows(cfg, [r for split_rows_ in rows.values() for r in split_rows_], unpaired)  # every split's
     examples, stats = {}, {}
     for split, split_rows_ in rows.items():
         examples[split], stats[split] = _tokenize_split(cfg, split_rows_, tokenizer, unpaired)
@@ -337,7 +343,7 @@ def _read_and_tokenize(cfg: TrainConfig, tokenizer, log=print) -> tuple[dict, di
 
 
 def _check_rows(cfg: TrainConfig, rows: list[dict], unpaired: bool) -> None:
-    """One split's rows checked (a :class:`DataError` naming each bad row's file and line)."""
+    """Rows checked (one :class:`DataError` naming each bad row's file and line)."""
     if unpaired:
         validate_unpaired_rows(rows)
         return

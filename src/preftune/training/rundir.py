@@ -9,6 +9,7 @@ own path (checkpoints, metrics and the reference cache are addressed relative to
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from ..config import TrainConfig
@@ -81,6 +82,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _normalised(saved: dict) -> dict:
+    """A saved config as :meth:`TrainConfig.to_dict` writes it now (a run saved by an earlier version wrote
+    GRPO's unset clip range as the policy loss's values, now null); as read if it no longer builds."""
+    from ..config import ConfigError, train_config_from_dict
+
+    try:
+        with warnings.catch_warnings():  # a renamed key was announced when the run started
+            warnings.simplefilter("ignore")
+            return train_config_from_dict(saved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[str] = frozenset()) -> None:
     """A resumed run must replay the same data, model, optimizer and schedule as the interrupted one.
 
@@ -92,7 +106,7 @@ def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[st
 
     if not saved_path.is_file():
         raise RunDirError(f"--resume: {saved_path} is missing")
-    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(cfg.to_dict())
+    saved, now = _flatten(_normalised(yaml.safe_load(saved_path.read_text()))), _flatten(cfg.to_dict())
     unknown = sorted(set(allow) - set(now))
     if unknown:
         raise RunDirError(
