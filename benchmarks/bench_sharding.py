@@ -8,6 +8,7 @@ AdamW moments (measured on the live tensors at the second step: DTensor shards c
 
     python benchmarks/bench_sharding.py                      # all six runs (about 10 minutes on 2 cores)
     python benchmarks/bench_sharding.py --methods dpo --steps 4
+    python benchmarks/bench_sharding.py --methods dpo --runs "2 × DDP" "2 × FSDP"
 
 Each run is ``torchrun --nproc_per_node N benchmarks/bench_sharding.py --child ...``: the child trains through
 ``preftune.training.train`` and prints one ``RESULT`` line per process.
@@ -28,14 +29,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "RESULT "
-RUNS = [("1 process", 1, "none"), ("2 × DDP", 2, "none"), ("2 × FSDP", 2, "fsdp")]
+RUNS = [
+    ("1 process", 1, "none"),
+    ("2 × DDP", 2, "none"),
+    ("2 × FSDP", 2, "fsdp"),
+    ("2 × FSDP, reshard_after_forward: false", 2, "fsdp-keep"),
+]
 
 
 def _overrides(method: str, nproc: int, sharding: str, steps: int, out: Path) -> list[str]:
+    keep = ["training.reshard_after_forward=false"] if sharding == "fsdp-keep" else []
     common = [
+        *keep,
         f"training.output_dir={out}",
         f"training.max_steps={steps}",
-        f"training.sharding={sharding}",
+        f"training.sharding={sharding.removesuffix('-keep')}",
         "training.save_every=0",
         "training.progress=false",
         "training.log_every=1",
@@ -124,6 +132,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=["dpo", "grpo"], choices=["dpo", "grpo"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--runs", nargs="+", default=[name for name, _, _ in RUNS], help="a subset of the rows"
+    )
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "SHARDING", "STEPS", "OUT"))
     args = parser.parse_args()
     if args.child:
@@ -134,12 +145,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for method in args.methods:
         results = {}
-        for name, nproc, sharding in RUNS:
+        for name, nproc, sharding in [r for r in RUNS if r[0] in args.runs]:
             r = results[name] = run(method, nproc, sharding, args.steps)
             print(
                 f"| {method} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['state_mb']:.0f} |",
                 flush=True,
             )
+        if "2 × DDP" not in results or "2 × FSDP" not in results:
+            continue
         ddp, fsdp = results["2 × DDP"], results["2 × FSDP"]
         print(
             f"| {method} | **FSDP / DDP** | **{fsdp['s_per_step'] / ddp['s_per_step']:.2f}×** | "

@@ -70,6 +70,8 @@ def test_a_sharded_plan_splits_the_state_and_gathers_a_layer_or_the_model():
     # parameters, AdamW moments, the π_ref copy and the gradients halve; no DDP buckets
     assert (plan.parameters, plan.optimizer, plan.reference, plan.ddp_buckets) == (2000, 4000, 2000, 0)
     assert plan.gradients == 2000 + 4000 // 2  # own gradient shard + one gathered decoder layer (2 layers)
+    kept = memory_plan(TINY, **common, processes=2, sharded=True, reshard_after_forward=False)
+    assert kept.gradients == 2000 + 2000  # every layer's other half stays gathered till the backward
     assert plan.sampling == 17088 + 2000  # the KV cache + the other process's half, gathered for decoding
     one = memory_plan(TINY, **common, decoding=Decoding(rows=4, length=12), processes=1, sharded=True)
     unsharded = memory_plan(TINY, **common, decoding=Decoding(rows=4, length=12), processes=1)

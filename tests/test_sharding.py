@@ -372,6 +372,15 @@ def dpo_runs(tmp_path_factory, tiny_model_dir):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _cli(LAUNCH2, tmp, "train", _write_config(tmp, "two", _dpo(tiny_model_dir, data, "fsdp", 2)))
     _cli(CLI, tmp, "train", _write_config(tmp, "one", _dpo(tiny_model_dir, data, "none", 4)))
+    # every decoder layer kept gathered from forward to backward, with evaluations (forwards no backward
+    # follows) before each checkpoint
+    keep = _dpo(tiny_model_dir, data, "fsdp", 2, training={"reshard_after_forward": False, "eval_every": 1})
+    _cli(
+        LAUNCH2,
+        tmp,
+        "train",
+        _write_config(tmp, "keep", {**keep, "data": {**keep["data"], "eval": str(data)}}),
+    )
     return tmp
 
 
@@ -400,6 +409,21 @@ def test_dpo_under_fsdp_on_two_processes_equals_one_process_and_exports_its_chec
     assert _max_diff(expected, _weights(one / "model")) > 1e-4  # step 2 is not the final model
     out = _cli(CLI, dpo_runs, "export", one / "checkpoints" / "step-0000002", dpo_runs / "x", expect=2)
     assert "is not a sharded checkpoint" in out
+
+
+def test_layers_kept_gathered_until_the_backward_take_the_same_steps(dpo_runs):
+    """``training.reshard_after_forward: false`` (ZeRO-2's memory, one all-gather fewer per layer): the same
+    steps as one process, and the evaluations' no-gradient forwards leave every unit sharded again (the
+    checkpoints after them are written and export to the same weights)."""
+    keep, one = dpo_runs / "keep", dpo_runs / "one"
+    assert _max_diff(_weights(keep / "model"), _weights(one / "model")) < 1e-5
+    train = [r for r in _metrics(keep) if r["split"] == "train"]
+    for r2, r1 in zip(train, _metrics(one), strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-6)
+    assert [r["step"] for r in _metrics(keep) if r["split"] == "eval"] == [1, 2, 3]
+    _cli(CLI, dpo_runs, "export", keep / "checkpoints" / "step-0000002", dpo_runs / "keep-exported")
+    expected = _weights(one / "checkpoints" / "step-0000002" / "model")
+    assert _max_diff(_weights(dpo_runs / "keep-exported"), expected) < 1e-5
 
 
 def _killed_copy(run: Path, name: str) -> Path:

@@ -135,6 +135,10 @@ class TrainingConfig:
     # over the processes (torch FSDP2, one unit per decoder layer plus the root; training/sharding.py)
     sharding: str = "none"
     cpu_offload: bool = False  # fsdp only: parameters and optimizer state live on the CPU between uses
+    # fsdp only: free each decoder layer's gathered parameters after its forward (gathered again for the
+    # backward: the least memory); false keeps them until the backward (ZeRO-2: faster, the full model's
+    # parameters held per process during a forward/backward)
+    reshard_after_forward: bool = True
     # offline methods: split each micro-batch into forward/backward passes of at most this many padded tokens
     # (rows × longest row, as the layout runs them); the step's records and loss stay the same (training/loop.py)
     max_tokens_per_batch: int | None = None
@@ -878,6 +882,8 @@ def validate_train_config(cfg: TrainConfig, source: str = "config") -> None:
         bad(f"training.sharding must be one of {', '.join(SHARDING)}, got {t.sharding!r}")
     if t.cpu_offload and t.sharding != "fsdp":
         bad("training.cpu_offload needs training.sharding: fsdp (it offloads the shards)")
+    if not t.reshard_after_forward and t.sharding != "fsdp":
+        bad("training.reshard_after_forward: false needs training.sharding: fsdp (it keeps gathered shards)")
     if t.max_tokens_per_batch is not None:
         if t.max_tokens_per_batch < 1:
             bad(f"training.max_tokens_per_batch must be >= 1, got {t.max_tokens_per_batch}")

@@ -225,16 +225,20 @@ def memory_plan(
     kv_element_bytes: int = FP32,
     processes: int = 1,
     sharded: bool = False,
+    reshard_after_forward: bool = True,
 ) -> MemoryPlan:
     """The plan of one process: ``parameter_bytes`` the model's parameters as stored, ``trainable`` the count
     of trained (fp32) parameters, the reference's kind and bytes, the longest micro-batch, and for online
     methods the decoding batch. ``sharded`` (``training.sharding: fsdp``): parameters, gradients, optimizer
     state and a reference copy are split over the processes (no DDP buckets); the training phase gathers one
-    decoder layer's parameters at a time, sampling gathers the whole model once."""
+    decoder layer's parameters at a time (every layer's from forward to backward without
+    ``reshard_after_forward``), sampling gathers the whole model once."""
     share = processes if sharded else 1
     acts = {ckpt: activation_bytes(shape, batch.tokens, checkpointing=ckpt) for ckpt in (False, True)}
     copy = reference_kind.startswith("frozen copy")
     gathered_layer = parameter_bytes // max(shape.layers, 1) if sharded and share > 1 else 0
+    if sharded and share > 1 and not reshard_after_forward:
+        gathered_layer = parameter_bytes - parameter_bytes // share  # all of them, till the backward
     gathered_model = parameter_bytes - parameter_bytes // share if decoding else 0
     return MemoryPlan(
         parameters=parameter_bytes // share,
@@ -380,4 +384,5 @@ def plan_run(cfg, prep, model, num_processes: int = 1) -> MemoryPlan:
         kv_element_bytes=kv_bytes,
         processes=num_processes,
         sharded=t.sharding == "fsdp",
+        reshard_after_forward=t.reshard_after_forward,
     )

@@ -6,7 +6,12 @@ else ``model.model.layers``), then the root (embeddings, final norm, head and wh
 the same layers of the PEFT model are sharded, adapters and base together. Each process holds 1/N of every
 parameter (a ``DTensor`` sharded on dim 0), its gradient and its AdamW moments; a unit's parameters are
 all-gathered just before its forward and backward and freed after (``reshard_after_forward=True`` for every
-unit, the root too: the least memory, one more all-gather of the root per step). Gradients are
+decoder layer: the least memory; ``training.reshard_after_forward: false`` keeps them gathered until the
+backward, ZeRO-2's memory and one all-gather fewer per layer and micro-batch). The policy's root unit (embeddings,
+final norm, head) keeps its gathered parameters from its forward to the backward that follows at once, as
+torchtitan does: they would be freed and gathered again for nothing (a frozen reference, which has no backward,
+frees them). The state dict reshards first (FSDP2's pre-save hook), and every backward reshards every unit
+before the optimizer step. Gradients are
 reduce-scattered with a mean over processes, as DDP's all-reduce, so the loops' loss scaling is unchanged.
 
 - ``mixed_precision: bf16``: FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the
@@ -50,6 +55,7 @@ SHARDED_DIR = "sharded"  # a checkpoint's DCP folder (model and optimizer shards
 CONFIG_DIR = "model_config"  # a checkpoint's model config, tokenizer and adapter config (no weights)
 EXPORT_FILE = "export.json"  # in CONFIG_DIR: how export rebuilds the model (kind, LoRA base)
 _RESHARD = "_preftune_reshard_after_forward"  # what shard_model set per unit (gathered() restores it)
+_GATHERED = "_preftune_gathered"  # set on the root inside gathered()
 
 
 def is_sharded(model) -> bool:
@@ -176,7 +182,7 @@ def shard_model(model: torch.nn.Module, t: TrainingConfig, device: torch.device)
     DTensors). Frozen and trainable parameters may share a unit (LoRA), and so may dtypes (a bf16-stored
     LoRA base with fp32 adapters). ``model.no_sync()`` becomes :func:`no_sync`, so ``accelerator.no_sync``
     (the loops' gradient accumulation) skips the reduce-scatter as it skips DDP's all-reduce."""
-    _shard(model, _mesh(device), _policies(t, device))
+    _shard(model, _mesh(device), _policies(t, device), layers=t.reshard_after_forward, root=False)
     # what accelerate's no_sync(model) enters for a model that has one (DDP's): the loops' accumulation
     model.no_sync = functools.partial(no_sync, model)
     return model
@@ -188,18 +194,35 @@ def shard_like(model: torch.nn.Module, policy: torch.nn.Module) -> torch.nn.Modu
     return _shard(model, *policy._preftune_shard_policies)
 
 
-def _shard(model: torch.nn.Module, mesh, policies: dict) -> torch.nn.Module:
-    """One FSDP2 unit per decoder layer, then the root, over ``mesh`` with ``policies``."""
+def _shard(
+    model: torch.nn.Module, mesh, policies: dict, *, layers: bool = True, root: bool = True
+) -> torch.nn.Module:
+    """One FSDP2 unit per decoder layer, then the root, over ``mesh`` with ``policies``; ``layers`` /
+    ``root``: whether those units free their gathered parameters after the forward (``reshard_after_forward``).
+    """
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True, **policies)
-        setattr(layer, _RESHARD, True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True, **policies)
-    setattr(model, _RESHARD, True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=layers, **policies)
+        setattr(layer, _RESHARD, layers)
+    fully_shard(model, mesh=mesh, reshard_after_forward=root, **policies)
+    setattr(model, _RESHARD, root)
+    kept = [unit for unit in _units(model) if not getattr(unit, _RESHARD)]
+    if kept:
+        model.register_forward_hook(functools.partial(_reshard_without_backward, kept))
     model._preftune_shard_policies = (mesh, policies)
     _use_peer_comms(_units(model), mesh)
     return model
+
+
+def _reshard_without_backward(kept: list, model, args, output) -> None:
+    """After a forward that no backward follows (no gradients: evaluation, reference or old log-probs), free the
+    units that keep their gathered parameters for the backward: outside a forward/backward every unit is
+    sharded, which the optimizer's state dict (by parameter identity) and the memory plan rely on. Not inside
+    :func:`gathered`, whose decode loop must stay free of collectives."""
+    if not torch.is_grad_enabled() and not getattr(model, _GATHERED, False):
+        for unit in kept:
+            unit.reshard()
 
 
 def _units(model: torch.nn.Module) -> list:
@@ -232,10 +255,12 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
+    setattr(model, _GATHERED, True)
     try:
         with torch.no_grad():
             yield model
     finally:
+        setattr(model, _GATHERED, False)
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(getattr(unit, _RESHARD, True), recurse=False)
