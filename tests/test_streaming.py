@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_training import make_cfg, metrics, pair_records, quiet, raw_config, write_jsonl
 
+import preftune
 import preftune.data.stream as stream_module
 from preftune.cli import main
 from preftune.config import ConfigError
@@ -323,3 +324,20 @@ def test_two_processes_stream_the_same_steps_as_one(tmp_path, tiny_model_dir):
     for r2, r1 in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
         assert r2["examples"] == r1["examples"] == 4 and r2["epoch"] == r1["epoch"]
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-6)
+
+
+def test_validate_tokenises_the_first_streamed_records_and_counts_their_drops(tmp_path, tiny_model_dir):
+    """A streamed config's validate reads and tokenises the first records as training would (up to 256
+    examples of the first pass): their drops (identical responses) are counted in its summary. The 10-record
+    file's 7 kept examples end the first pass, so one record of the second is read too."""
+    records = pair_records(10)
+    for r in records[2:5]:
+        r["rejected"] = r["chosen"]  # identical: dropped by tokenisation
+    data = write_jsonl(tmp_path / "p.jsonl", records)
+    cfg = raw_config(tiny_model_dir, data, tmp_path / "o", **streamed(max_steps=2))
+    summary = preftune.validate(cfg, load_weights=False, log=quiet)
+    train = summary["tokenize"]["train"]
+    assert (train["total"], train["kept"], train["dropped_identical"]) == (11, 8, 3)
+    assert (
+        train["of"] == "the records read for the first 7 streamed examples (the shuffle buffer reads ahead)"
+    )

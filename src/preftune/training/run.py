@@ -348,7 +348,18 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
         s.log(f"reference log-probs for {n} pairs computed in {seconds:.1f}s (cached in {where})")
 
 
-PLAN_SAMPLE = 256  # streamed pairs the memory plan of `validate` looks at
+PLAN_SAMPLE = 256  # streamed records `validate` tokenises (drops, vocabulary) and plans the memory of
+
+
+def _first_pass(stream, n: int) -> list:
+    """The first ``n`` examples of a stream, or all of its first pass if shorter (none read twice)."""
+    first = []
+    for i in range(n):
+        example = stream[i]
+        if stream.pass_of[i] > 0:
+            break
+        first.append(example)
+    return first
 
 
 def _scan_train_data(cfg: TrainConfig) -> None:
@@ -405,14 +416,19 @@ def validate(
         _scan_prompt_data(cfg)
     prep = prepare(cfg, log)
     summary = prep.summary(num_processes)
+    first = None
+    if cfg.data.streaming:  # the first records (prompts), read and tokenised
+        first = _first_pass(prep.examples["train"], PLAN_SAMPLE)
+        summary.setdefault("tokenize", {})["train"] = {
+            **vars(prep.stats["train"]),
+            "of": f"the records read for the first {len(first)} streamed examples (the shuffle buffer reads ahead)",
+        }
     if load_weights:
         model = _build_model(cfg, prep, None)
-        if cfg.data.streaming:  # the longest micro-batch of the first records; no precomputed reference
-            stream = prep.examples["train"]
-            sample = [stream[i] for i in range(PLAN_SAMPLE)]
-            prep = dataclasses.replace(prep, examples={**prep.examples, "train": sample})
+        if first is not None:  # the longest micro-batch of the first records; no precomputed reference
+            prep = dataclasses.replace(prep, examples={**prep.examples, "train": first})
             summary["memory_plan_note"] = (
-                f"activations of the longest micro-batch of the first {PLAN_SAMPLE} streamed records "
+                f"activations of the longest micro-batch of the first {len(first)} streamed records "
                 f"(data.max_length {cfg.data.max_length} bounds every record)"
             )
         summary["parameters"] = sum(p.numel() for p in model.parameters())
