@@ -123,7 +123,8 @@ def test_validate_prints_summary_and_writes_nothing(config_path, tmp_path, tiny_
     argv = ["validate", str(config_path)] + (["--no-model"] if no_model else [])
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("ok: config, data and model are valid")
+    ending = "ok: config and data are valid" + (" (model not loaded)" if no_model else "; model loaded")
+    assert out.rstrip().endswith(ending)
     summary = json.loads(out[: out.rindex("}") + 1])
     assert summary["method"] == "dpo" and summary["train_pairs"] == 6 and summary["eval_pairs"] == 0
     # 6 pairs / batch 2 = 3 micro-batches per epoch; 2 per step -> 2 steps per epoch; 3 epochs
@@ -212,3 +213,20 @@ def test_generate_from_a_lora_run_directory_with_a_reward(tmp_path, tiny_model_d
     assert "### The movie was" in text and "mean reward" in text
     assert main(["generate", str(tiny_model_dir)]) == 2  # no prompts: a clear error
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_generate_and_train_refuse_meaningless_flags_before_loading_anything(config_path, capsys):
+    """``generate -n 0`` / ``--limit 0`` name the flag (no model is loaded), and ``--allow-change`` without
+    ``--resume`` is an error, not silently ignored."""
+    for flags, name in ((["-n", "0"], "-n/--num-samples"), (["--limit", "0"], "--limit")):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "no-such-model", "--prompt", "hi", *flags])
+        assert exc.value.code == 2 and f"{name} must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(config_path), "--allow-change", "training.max_steps"])
+    assert exc.value.code == 2 and "--allow-change only applies with --resume" in capsys.readouterr().err
+
+
+def test_export_of_a_missing_folder_says_so(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err

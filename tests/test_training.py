@@ -279,6 +279,12 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data8):
     )
     with pytest.raises(RunDirError, match="training.batch_size"):
         train(changed, resume=True, log=quiet)
+    other = make_cfg(
+        tiny_model_dir, data8, tmp_path / "r", training={"max_steps": 4, "save_every": 2, "seed": 3}
+    )
+    with pytest.raises(RunDirError) as exc:  # not a schedule key: no remark about the learning rate
+        train(other, resume=True, log=quiet)
+    assert "--allow-change training.seed" in str(exc.value) and "learning-rate" not in str(exc.value)
     longer = make_cfg(tiny_model_dir, data8, tmp_path / "r", training={"max_steps": 6, "save_every": 2})
     # a longer run changes the learning rate of every remaining step (linear decay): refused unless asked
     with pytest.raises(

@@ -138,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                 from .training.memory import MemoryPlan
 
                 print("\n".join(MemoryPlan.from_dict(plan).lines()))
-            print("ok: config, data and model are valid")
+            print(
+                "ok: config and data are valid"
+                + (" (model not loaded)" if args.no_model else "; model loaded")
+            )
             return 0
+        if args.allow_change and not args.resume:
+            parser.error(
+                "--allow-change only applies with --resume (it accepts a changed setting of a resumed run)"
+            )
         run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_change)
         print(f"done: {run_dir}")
         return 0
@@ -171,6 +178,10 @@ def _export(parser, args, extra) -> int:
 def _generate(parser, args, extra) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    for flag, value in (("-n/--num-samples", args.num_samples), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size), ("--limit", args.limit)):  # fmt: skip
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     from .generate import generate, print_rows
 
     gen = GenerationConfig(

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from .files import atomic_dir, write_text_atomic
+
+# PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` on every LoRA wrap and load: a warning
+# about PEFT's code, not the user's, printed on every LoRA run
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -388,6 +388,7 @@ class _Evaluator:
             groups = heldout.sample_groups(
                 net, prompt_ids, k, gen, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                 seed=derive_seed(s.cfg.training.seed, f"{s.cfg.method}-eval"),
+                progress=s.cfg.training.progress and acc.is_main_process,  # minutes on a CPU: say so
             )  # fmt: skip
         ids = [c for group in groups for c in group]
         texts = [tok.decode(c, skip_special_tokens=True) for c in ids]

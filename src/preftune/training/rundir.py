@@ -68,6 +68,10 @@ _RESUMABLE_KEYS = {
     "skip_nonfinite",
     "ref_cache",
 }
+# keys whose change moves the learning rate of every remaining step
+_SCHEDULE_KEYS = {
+    f"training.{key}" for key in ("max_steps", "epochs", "lr_scheduler", "warmup_steps", "learning_rate")
+} | {"training.batch_size", "training.grad_accum"}  # (steps per epoch)
 # where the run lives, not how it trains: a moved run directory resumes where it now is
 _LOCATION_KEYS = {"training.output_dir"}
 
@@ -116,8 +120,14 @@ def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[st
     diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if diff:
         changes = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff)
+        schedule = [k for k in diff if k in _SCHEDULE_KEYS]
+        why = (
+            f" (with {', '.join(schedule)} the learning-rate schedule of the remaining steps changes)"
+            if schedule
+            else ""
+        )
         raise RunDirError(
             f"--resume: the config differs from the interrupted run's ({saved_path}) in {changes}. A resumed run "
-            "must replay the same settings; to continue with a new value on purpose (the learning-rate "
-            f"schedule of the remaining steps changes with it), pass --allow-change {diff[0]}"
+            f"must replay the same settings; to continue with a new value on purpose{why}, pass "
+            + " ".join(f"--allow-change {k}" for k in diff)
         )

@@ -542,6 +542,10 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
 
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     config_dir, shards = ckpt / CONFIG_DIR, ckpt / SHARDED_DIR
+    if not ckpt.is_dir():
+        raise ValueError(
+            f"{ckpt}: no such checkpoint folder (a run's checkpoints are RUN_DIR/checkpoints/step-N)"
+        )
     if not (shards / ".metadata").is_file() or not (config_dir / EXPORT_FILE).is_file():
         raise ValueError(
             f"{ckpt} is not a sharded checkpoint (no {SHARDED_DIR}/.metadata or {CONFIG_DIR}/{EXPORT_FILE}): "
