@@ -299,6 +299,15 @@ def test_a_rebuilt_grpo_config_takes_the_new_policy_losss_own_clip_range(tmp_pat
         )  # RLOO, not GRPO × G/(G−1)
     mine = load_config(grpo, ["grpo.epsilon_high=0.28"])
     assert load_config(mine, ["grpo.policy_loss=cispo"]).grpo.epsilon_high == 0.28
+    # set by hand to the default's value: still set (kept under another policy loss / baseline)
+    explicit = load_config({**grpo.to_dict(), "grpo": {"epsilon_high": 0.2, "scale": "group"}})
+    again = load_config(explicit, ["grpo.policy_loss=cispo", "grpo.baseline=leave_one_out"]).grpo
+    assert (again.epsilon_high, again.epsilon_low, again.scale) == (0.2, 1.0, "group")
+    # a TrainConfig changed in place, then rebuilt (what train(cfg) does first): the unset keys follow it
+    changed = load_config(grpo)
+    changed.grpo.policy_loss, changed.grpo.baseline = "gspo", "leave_one_out"
+    rebuilt = load_config(changed).grpo
+    assert (rebuilt.epsilon_low, rebuilt.aggregation, rebuilt.scale) == (3e-4, "sequence_mean", "none")
     # a run saved by an earlier version (the resolved values written out) still resumes with the same config
     old = grpo.to_dict()
     old["grpo"].update(epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean", scale="group")

@@ -185,7 +185,42 @@ def worker_resume(model_dir: Path, out: Path) -> None:
     clip = lambda ps: sharding.clip_grad_norm(ps, CLIP)  # noqa: E731
     norm = _step(model, optimizer, _rows(model.config.vocab_size), params, clip, sharding.no_sync)
     sharding.save_full(model, AutoTokenizer.from_pretrained(model_dir), out / "resumed", is_main=True)
-    (out / "resumed.json").write_text(json.dumps({"norm": norm}))
+    (out / "resumed.json").write_text(json.dumps({"norm": norm, "chunked": _chunked_head(model_dir, model)}))
+
+
+def _chunked_head(model_dir: Path, policy) -> dict:
+    """The chunked log-softmax (taken above ``CHUNKED_ABOVE``: set to 0) reads the head's weight after the
+    forward: on the sharded policy and on a sharded frozen copy (the reference) without gradients, and on the
+    policy with them; the log-probs against the unsharded model's, and whether every unit is sharded after."""
+    import preftune.logprobs as L
+    from preftune.models import load_model
+    from preftune.training import sharding
+
+    gathered = sharding.full_state_dict(policy)
+    plain = load_model(str(model_dir))
+    plain.load_state_dict(gathered)
+    reference = sharding.shard_like(load_model(str(model_dir)), policy)
+    rows = _rows(policy.config.vocab_size)[:2]
+    mask, response = torch.ones_like(rows), torch.zeros_like(rows, dtype=torch.bool)
+    response[:, 4:] = True
+    was, L.CHUNKED_ABOVE = L.CHUNKED_ABOVE, 0
+    try:
+        with torch.no_grad():
+            want = L.sequence_logps(plain, rows, mask, response)[0]
+            start = L.sequence_logps(load_model(str(model_dir)), rows, mask, response)[0]
+            no_grad = L.sequence_logps(policy, rows, mask, response)[0]
+            ref = L.sequence_logps(reference, rows, mask, response)[0]
+        grad = L.sequence_logps(policy, rows, mask, response)[0]
+        grad.sum().backward()
+    finally:
+        L.CHUNKED_ABOVE = was
+    units = [u for m in (policy, reference) for u in m.modules() if sharding.is_sharded(u)]
+    return {
+        "policy_no_grad": float((no_grad - want).abs().max()),
+        "policy_grad": float((grad.detach() - want).abs().max()),
+        "reference": float((ref - start).abs().max()),
+        "all_sharded": all(type(p).__name__ == "DTensor" for u in units for p in u.parameters()),
+    }
 
 
 def worker_lora(model_dir: Path, out: Path) -> None:
@@ -287,7 +322,11 @@ def test_two_sharded_processes_equal_one_unsharded_then_reshard_to_one_and_expor
 
     # ... and resumed on 1 process: step 2 there equals step 2 of the 2-process run (AdamW moments resharded)
     _torchrun(tmp_path, "resume", tiny_model_dir, 1)
-    assert json.loads((tmp_path / "resumed.json").read_text())["norm"] == pytest.approx(norms[1], rel=1e-5)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["norm"] == pytest.approx(norms[1], rel=1e-5)
+    chunked = resumed["chunked"]  # the chunked head on sharded models, with and without gradients
+    assert max(chunked[k] for k in ("policy_no_grad", "policy_grad", "reference")) < 1e-5
+    assert chunked["all_sharded"]
     assert _max_diff(load_file(tmp_path / "resumed" / "model.safetensors"), final) < 1e-5
 
 

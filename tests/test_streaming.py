@@ -328,16 +328,18 @@ def test_two_processes_stream_the_same_steps_as_one(tmp_path, tiny_model_dir):
 
 def test_validate_tokenises_the_first_streamed_records_and_counts_their_drops(tmp_path, tiny_model_dir):
     """A streamed config's validate reads and tokenises the first records as training would (up to 256
-    examples of the first pass): their drops (identical responses) are counted in its summary. The 10-record
-    file's 7 kept examples end the first pass, so one record of the second is read too."""
+    examples of the first pass): their drops (identical responses) are counted in its summary, as they stood
+    after the first pass's last kept example (reading on to find the pass ended counts nothing twice)."""
     records = pair_records(10)
     for r in records[2:5]:
         r["rejected"] = r["chosen"]  # identical: dropped by tokenisation
+    records[0]["rejected"] = records[0]["chosen"]  # the first: a second pass would read it again
+    records[1]["rejected"] = records[1]["chosen"]
     data = write_jsonl(tmp_path / "p.jsonl", records)
     cfg = raw_config(tiny_model_dir, data, tmp_path / "o", **streamed(max_steps=2))
     summary = preftune.validate(cfg, load_weights=False, log=quiet)
     train = summary["tokenize"]["train"]
-    assert (train["total"], train["kept"], train["dropped_identical"]) == (11, 8, 3)
+    assert (train["total"], train["kept"], train["dropped_identical"]) == (10, 5, 5)
     assert (
-        train["of"] == "the records read for the first 7 streamed examples (the shuffle buffer reads ahead)"
+        train["of"] == "the records read for the first 5 streamed examples (the shuffle buffer reads ahead)"
     )

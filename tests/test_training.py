@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import preftune
 import preftune.training.run as run_module
 from preftune.cli import main
 from preftune.config import train_config_from_dict
@@ -646,3 +647,22 @@ def test_group_by_length_sorts_windows_and_pads_less(tmp_path, tiny_model_dir):
         run = train(make_cfg(tiny_model_dir, data, tmp_path / f"l{grouped}", **sections), log=quiet)
         shares[grouped] = sum(r["padding_share"] for r in metrics(run)) / 4
     assert shares[True] < shares[False]
+
+
+def test_a_reward_models_margin_rule_is_per_split(tmp_path, tiny_model_dir):
+    """Margins on every training pair and none in a separate eval file: valid (all rows of a split or none, as
+    a stream decides it); a margin on some training rows only is refused by line, in the same one message as
+    the other splits' problems."""
+    train_rows = [{**r, "margin": 1.0} for r in pair_records(6)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", pair_records(4))
+    cfg = make_cfg(
+        tiny_model_dir, train_file, tmp_path / "run", method="reward_model", data={"eval": str(eval_file)}
+    )
+    assert preftune.validate(cfg, load_weights=False, log=quiet)["eval_pairs"] == 4
+    del train_rows[2]["margin"]
+    write_jsonl(tmp_path / "train.jsonl", train_rows)
+    with pytest.raises(
+        DataError, match=r"1 problem\(s\) in 10 row\(s\):\n  .*train.jsonl line 3: field 'margin'"
+    ):
+        preftune.validate(cfg, load_weights=False, log=quiet)

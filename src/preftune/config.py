@@ -184,8 +184,17 @@ class MethodSection:
         return []
 
     def to_section(self) -> dict:
-        """The section as YAML holds it (:meth:`TrainConfig.to_dict`)."""
-        return dataclasses.asdict(self)
+        """The section as YAML holds it (:meth:`TrainConfig.to_dict`): a key that was unset (null) and filled in
+        from the others (:meth:`_fill_unset`) is written null again, so a config rebuilt with another
+        ``policy_loss`` or ``baseline`` fills it from that one (a GSPO run never inherits clip's 0.2)."""
+        unset = getattr(self, "_unset", frozenset())
+        return {k: None if k in unset else v for k, v in dataclasses.asdict(self).items()}
+
+    def _fill_unset(self, values: dict) -> None:
+        """Set every key of ``values`` that is None to its value there, remembering which were unset."""
+        self._unset = frozenset(k for k in values if getattr(self, k) is None)
+        for key in self._unset:
+            setattr(self, key, values[key])
 
 
 @dataclass
@@ -398,15 +407,7 @@ class GRPOConfig(OnlineSection):
         return {**out, **({key: getattr(own, key) for key in self._OWN} if own is not None else {})}
 
     def __post_init__(self) -> None:
-        for key, value in self._defaults().items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-
-    def to_section(self) -> dict:
-        """A value equal to what null means here is written as null, so a saved or rebuilt config with another
-        ``policy_loss`` or ``baseline`` takes that one's own (a GSPO run never inherits clip's 0.2)."""
-        out = dataclasses.asdict(self)
-        return {k: None if k in self._defaults() and v == self._defaults()[k] else v for k, v in out.items()}
+        self._fill_unset(self._defaults())
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -488,8 +489,7 @@ class PPOConfig(OnlineSection):
                 stacklevel=2,
             )
             self.kl_horizon = None
-        elif self.kl_horizon_batches is None:
-            self.kl_horizon_batches = DEFAULT_KL_HORIZON_BATCHES
+        self._fill_unset({"kl_horizon_batches": DEFAULT_KL_HORIZON_BATCHES})
 
     @property
     def updates_per_batch(self) -> int:
@@ -617,12 +617,12 @@ class TrainConfig:
             return self.__dict__.get("method_config") if self.__dict__.get("method") == name else None
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def to_dict(self) -> dict:
-        """The config as YAML would hold it: the method's section under its name; the generation section of
-        an offline method left out."""
+    def to_dict(self, *, resolved: bool = False) -> dict:
+        """The config as YAML would hold it: the method's section under its name (``resolved``: its unset keys
+        as filled in, what trains: for comparing runs); the generation section of an offline method left out."""
         out = dataclasses.asdict(self)
         out.pop("method_config")
-        section = self.method_config.to_section()
+        section = dataclasses.asdict(self.method_config) if resolved else self.method_config.to_section()
         if self.method not in ONLINE_METHODS:
             out.pop("generation")
         return {**out, self.method: section}

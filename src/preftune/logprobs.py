@@ -177,15 +177,20 @@ def _fast_logps(model, source, shape, targets, entropy: bool, temperature: float
     when the model's forward does not allow it. A plain linear head gets the chunked log-softmax (no (M, V)
     tensor kept); a head with logit post-processing gets its logits at ``source`` (M, V) from the model's own
     forward."""
+    from .training.sharding import head_kept
+
     head = _output_head(model)
     if head is None:
         return None
     try:
         large = source.numel() * head.weight.shape[0] > CHUNKED_ABOVE
         if _plain_linear_head(model, head) and large and entropy != "grad":
-            with _capture_head_input(head, source, shape) as captured:
+            # (sharded: the head's weight stays gathered after the forward for the chunked log-softmax)
+            with head_kept(model), _capture_head_input(head, source, shape) as captured:
                 model(**inputs, use_cache=False)
-            logps, ent = _ChunkedHeadLogps.apply(captured[0], head.weight, head.bias, targets, temperature)
+                logps, ent = _ChunkedHeadLogps.apply(
+                    captured[0], head.weight, head.bias, targets, temperature
+                )
             return logps, (ent if entropy else None)
         with _head_on_positions(head, source, shape, source.device.type):
             logits = model(**inputs, use_cache=False).logits

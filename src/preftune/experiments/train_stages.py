@@ -21,8 +21,11 @@ def train_stage(ctx: Context, name: str, make_cfg, data: str, inputs: dict) -> N
     the experiment's model, resuming after a Ctrl-C; fingerprinted by ``inputs`` and the config."""
     from ..training import train
 
-    config = make_cfg("run").to_dict()  # no absolute paths: run folders stay movable
-    config["training"].pop("progress")  # display only
+    config = make_cfg("run").to_dict(
+        resolved=True
+    )  # what trains; no absolute paths: run folders stay movable
+    for key in ("progress", "reshard_after_forward"):  # display; fsdp's memory against speed: the same steps
+        config["training"].pop(key)
     inputs = {"model": ctx.model_id, "config": config, **inputs}
 
     def fn(out: Path) -> dict:

@@ -25,10 +25,10 @@ from ..data import (
     token_cache,
     tokenize_rows,
     tokenize_unpaired_rows,
-    validate_rows,
-    validate_unpaired_rows,
 )
+from ..data.checks import MAX_SHOWN, problems_message, row_problems
 from ..data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
+from ..data.unpaired import unpaired_row_problems
 from ..losses import OffsetDomainError, odpo_offset
 from ..models import load_tokenizer, resolve_model_path
 from ..rewards import RewardFunction, load_reward
@@ -335,22 +335,29 @@ def _read_and_tokenize(cfg: TrainConfig, tokenizer, log=print) -> tuple[dict, di
             raise DataError(
                 f"{split} data ({cfg.data.train if split == 'train' else cfg.data.eval}) has no records"
             )
-    _check_rows(cfg, [r for split_rows_ in rows.values() for r in split_rows_], unpaired)  # every split's
+    _check_rows(cfg, list(rows.values()), unpaired)  # one message for every split's bad rows
     examples, stats = {}, {}
     for split, split_rows_ in rows.items():
         examples[split], stats[split] = _tokenize_split(cfg, split_rows_, tokenizer, unpaired)
     return examples, stats, logged
 
 
-def _check_rows(cfg: TrainConfig, rows: list[dict], unpaired: bool) -> None:
-    """Rows checked (one :class:`DataError` naming each bad row's file and line)."""
-    if unpaired:
-        validate_unpaired_rows(rows)
-        return
-    m = cfg.method_config
-    # a margin in some rows only would be used in some batches only: all rows or none
-    has_margin = m.kind == "reward_model" and m.use_margin and any(r.get("margin") is not None for r in rows)
-    validate_rows(rows, require_scores=m.requires_scores, require_margin=has_margin)
+def _check_rows(cfg: TrainConfig, splits: list[list[dict]], unpaired: bool) -> None:
+    """The rows of every split checked: one :class:`DataError` naming each bad row's file and line."""
+    m, problems = cfg.method_config, []
+    for rows in splits:
+        if unpaired:
+            problems += [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
+            continue
+        # a margin in some rows only would be used in some batches only: all rows of a split or none
+        margin = m.kind == "reward_model" and m.use_margin and any(r.get("margin") is not None for r in rows)
+        problems += [
+            p
+            for i, row in enumerate(rows)
+            for p in row_problems(row, i, require_scores=m.requires_scores, require_margin=margin)
+        ]
+    if problems:
+        raise DataError(problems_message(problems[:MAX_SHOWN], len(problems), sum(map(len, splits))))
 
 
 def _tokenize_split(cfg: TrainConfig, rows: list[dict], tokenizer, unpaired: bool):

@@ -98,7 +98,7 @@ def prepare_stream(cfg: TrainConfig, log=print) -> PreparedStream:
         if not rows:
             raise DataError(f"eval data ({d.eval}) has no records")
         unpaired = kto and is_unpaired(rows)
-        _check_rows(cfg, rows, unpaired)
+        _check_rows(cfg, [rows], unpaired)
         examples["eval"], stats["eval"] = _tokenize_split(cfg, rows, tokenizer, unpaired)
         if not examples["eval"]:
             raise DataError(f"eval data: every record was dropped by tokenisation ({vars(stats['eval'])})")

@@ -6,6 +6,7 @@ runs it alone. Which loop and family a method trains with is one explicit table,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -351,15 +352,18 @@ def _setup_pair_reference(s: Session, family: PairFamily) -> None:
 PLAN_SAMPLE = 256  # streamed records `validate` tokenises (drops, vocabulary) and plans the memory of
 
 
-def _first_pass(stream, n: int) -> list:
-    """The first ``n`` examples of a stream, or all of its first pass if shorter (none read twice)."""
-    first = []
+def _first_pass(stream, n: int, stats) -> tuple[list, dict]:
+    """The first ``n`` examples of a stream, or all of its first pass if shorter, and the tokenizer's counts
+    (``stats``, counting as the stream reads) as they stood after the last of them: a record of a second pass,
+    read to find that the first had ended, is not counted."""
+    first, counts = [], copy.deepcopy(vars(stats))
     for i in range(n):
         example = stream[i]
         if stream.pass_of[i] > 0:
             break
         first.append(example)
-    return first
+        counts = copy.deepcopy(vars(stats))
+    return first, counts
 
 
 def _scan_train_data(cfg: TrainConfig) -> None:
@@ -418,9 +422,9 @@ def validate(
     summary = prep.summary(num_processes)
     first = None
     if cfg.data.streaming:  # the first records (prompts), read and tokenised
-        first = _first_pass(prep.examples["train"], PLAN_SAMPLE)
+        first, counts = _first_pass(prep.examples["train"], PLAN_SAMPLE, prep.stats["train"])
         summary.setdefault("tokenize", {})["train"] = {
-            **vars(prep.stats["train"]),
+            **counts,
             "of": f"the records read for the first {len(first)} streamed examples (the shuffle buffer reads ahead)",
         }
     if load_weights:

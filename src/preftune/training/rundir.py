@@ -67,6 +67,7 @@ _RESUMABLE_KEYS = {
     "log_every",
     "skip_nonfinite",
     "ref_cache",
+    "reshard_after_forward",  # memory against speed under fsdp: the same steps
 }
 # keys whose change moves the learning rate of every remaining step
 _SCHEDULE_KEYS = {
@@ -86,15 +87,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _normalised(saved: dict) -> dict:
-    """A saved config as :meth:`TrainConfig.to_dict` writes it now (a run saved by an earlier version wrote
-    GRPO's unset clip range as the policy loss's values, now null); as read if it no longer builds."""
+def _resolved(saved: dict) -> dict:
+    """A saved config with its method's unset keys filled in (``TrainConfig.to_dict(resolved=True)``): what it
+    trains, as a run saved by any version wrote it (an earlier one wrote GRPO's clip range resolved, this one
+    null); as read if it no longer builds."""
     from ..config import ConfigError, train_config_from_dict
 
     try:
         with warnings.catch_warnings():  # a renamed key was announced when the run started
             warnings.simplefilter("ignore")
-            return train_config_from_dict(saved).to_dict()
+            return train_config_from_dict(saved).to_dict(resolved=True)
     except (ConfigError, TypeError, ValueError):
         return saved
 
@@ -110,7 +112,8 @@ def _check_resume_config(saved_path: Path, cfg: TrainConfig, allow: frozenset[st
 
     if not saved_path.is_file():
         raise RunDirError(f"--resume: {saved_path} is missing")
-    saved, now = _flatten(_normalised(yaml.safe_load(saved_path.read_text()))), _flatten(cfg.to_dict())
+    saved = _flatten(_resolved(yaml.safe_load(saved_path.read_text())))
+    now = _flatten(cfg.to_dict(resolved=True))
     unknown = sorted(set(allow) - set(now))
     if unknown:
         raise RunDirError(

@@ -56,6 +56,7 @@ CONFIG_DIR = "model_config"  # a checkpoint's model config, tokenizer and adapte
 EXPORT_FILE = "export.json"  # in CONFIG_DIR: how export rebuilds the model (kind, LoRA base)
 _RESHARD = "_preftune_reshard_after_forward"  # what shard_model set per unit (gathered() restores it)
 _GATHERED = "_preftune_gathered"  # set on the root inside gathered()
+_KEPT = "_preftune_head_kept"  # set on the root inside head_kept()
 
 
 def is_sharded(model) -> bool:
@@ -215,12 +216,38 @@ def _shard(
     return model
 
 
+@contextlib.contextmanager
+def head_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Within, the root unit of a sharded ``model`` (its output head) keeps its gathered weights after a forward,
+    with or without gradients, for a computation on the head's weight after the forward (the chunked
+    log-softmax, ``logprobs.py``); without gradients every unit is freed at the end. A model that is not
+    sharded is left as it is."""
+    root = next((m for m in model.modules() if is_sharded(m)), None)
+    if root is None:
+        yield
+        return
+    root.set_reshard_after_forward(False, recurse=False)
+    setattr(root, _KEPT, True)
+    try:
+        yield
+    finally:
+        setattr(root, _KEPT, False)
+        root.set_reshard_after_forward(getattr(root, _RESHARD, True), recurse=False)
+        if not torch.is_grad_enabled():
+            for unit in _units(root):
+                unit.reshard()
+
+
 def _reshard_without_backward(kept: list, model, args, output) -> None:
     """After a forward that no backward follows (no gradients: evaluation, reference or old log-probs), free the
     units that keep their gathered parameters for the backward: outside a forward/backward every unit is
     sharded, which the optimizer's state dict (by parameter identity) and the memory plan rely on. Not inside
-    :func:`gathered`, whose decode loop must stay free of collectives."""
-    if not torch.is_grad_enabled() and not getattr(model, _GATHERED, False):
+    :func:`gathered`, whose decode loop must stay free of collectives, nor inside :func:`head_kept`."""
+    if (
+        not torch.is_grad_enabled()
+        and not getattr(model, _GATHERED, False)
+        and not getattr(model, _KEPT, False)
+    ):
         for unit in kept:
             unit.reshard()
 
