@@ -6,10 +6,13 @@ median over rounds of wall seconds, CPU seconds (user + system), page faults and
 A threshold of T bytes serves every allocation above T by its own mmap, returned to the system on free (no heap
 fragmentation, but every such tensor's pages are faulted in and zeroed again each time); ``off`` leaves glibc's
 dynamic threshold (it rises to 32 MiB after the first large free; larger blocks then come from a heap that
-fragments and is never returned).
+fragments and is never returned). A ``+thp`` suffix (``524288+thp``) runs with torch's transparent huge pages for
+tensors of 2 MB and more (``THP_MEM_ALLOC_ENABLE=1``, what ``import preftune`` sets by default); without it, with
+``THP_MEM_ALLOC_ENABLE=0``.
 
     python benchmarks/bench_allocator.py                                  # dpo and grpo, 3 rounds
     python benchmarks/bench_allocator.py --configs configs/dpo.yaml --thresholds 524288 off --rounds 2
+    python benchmarks/bench_allocator.py --thresholds 524288 524288+thp off off+thp
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def one_run(config: str, threshold: str, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PREFTUNE_NO_MALLOPT", None)
     env.pop("PREFTUNE_MMAP_THRESHOLD", None)
+    threshold, thp = threshold.removesuffix("+thp"), threshold.endswith("+thp")
+    env["THP_MEM_ALLOC_ENABLE"] = "1" if thp else "0"
     if threshold == "off":
         env["PREFTUNE_NO_MALLOPT"] = "1"
     else:
@@ -65,7 +70,7 @@ def one_run(config: str, threshold: str, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(RUNS))
-    ap.add_argument("--thresholds", nargs="+", default=["524288", "4194304", "33554432", "off"])
+    ap.add_argument("--thresholds", nargs="+", default=["524288", "524288+thp", "33554432", "off", "off+thp"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -83,7 +88,10 @@ def main() -> None:
             def med(key, r=r):
                 return statistics.median(x[key] for x in r)
 
-            label = t if t == "off" else f"{int(t) / 1024**2:g} MiB"
+            bare = t.removesuffix("+thp")
+            label = (bare if bare == "off" else f"{int(bare) / 1024**2:g} MiB") + (
+                ", huge pages" if bare != t else ""
+            )
             print(
                 f"| {os.path.basename(config)} | {label} | {med('wall'):.1f} | {med('cpu'):.1f} ({med('sys'):.1f}) "
                 f"| {med('faults') / 1e6:.2f} M | {max(x['peak_gb'] for x in r):.2f} |"

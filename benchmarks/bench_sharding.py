@@ -110,6 +110,8 @@ def child(method: str, sharding: str, steps: int, out: Path) -> None:
 
 def run(method: str, nproc: int, sharding: str, steps: int) -> dict:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the child imports torch before preftune: give it the huge pages `import preftune` turns on (unless set)
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), __file__]
         cmd += ["--child", method, sharding, str(steps), str(Path(tmp) / "run")]

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from harness import report_child, run_child
+from harness import huge_pages, report_child, run_child
 
 THREADS = 2
 STEPS = 11  # the first allocates the optimizer state: 10 timed steps (--steps)
@@ -144,9 +144,9 @@ def child(system: str, case: str, steps: int) -> None:
     report_child(lambda tmp: run(case, str(tmp), steps), THREADS)
 
 
-def measure(system: str, python: str, case: str, steps: int) -> dict:
+def measure(system: str, python: str, case: str, steps: int, trl_huge_pages: bool = False) -> dict:
     args = [__file__, "--child", system, "--case", case, "--steps", str(steps)]
-    return run_child(python, args, THREADS, f"{system} {case}")
+    return run_child(python, args, THREADS, f"{system} {case}", huge_pages(system, trl_huge_pages))
 
 
 def main() -> None:
@@ -157,6 +157,11 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs of each system per case, alternated")
     p.add_argument("--trl-python", default=sys.executable)
+    p.add_argument(
+        "--trl-huge-pages",
+        action="store_true",
+        help="give TRL's process torch's transparent huge pages too (preftune turns them on; torch's default: off)",
+    )
     p.add_argument("--child", choices=["trl", "preftune"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -175,7 +180,7 @@ def main() -> None:
         flops, tokens = flops_per_step(case)
         runs = {"trl": [], "preftune": []}
         for _ in range(args.repeats):
-            runs["trl"].append(measure("trl", args.trl_python, case, args.steps))
+            runs["trl"].append(measure("trl", args.trl_python, case, args.steps, args.trl_huge_pages))
             runs["preftune"].append(measure("preftune", sys.executable, case, args.steps))
         summary = {}
         for system, results in runs.items():  # the run of median s/step; RSS its maximum over the runs

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import report_child, run_child
+from harness import huge_pages, report_child, run_child
 
 SETTINGS = {
     "group_size": 8,
@@ -169,9 +169,9 @@ def child(system: str, steps: int, beta: float) -> None:
     report_child(lambda tmp: run(steps, beta, tmp), SETTINGS["threads"])
 
 
-def measure(system: str, python: str, steps: int, beta: float) -> dict:
+def measure(system: str, python: str, steps: int, beta: float, trl_huge_pages: bool = False) -> dict:
     args = [__file__, "--child", system, "--steps", str(steps), "--betas", str(beta)]
-    return run_child(python, args, SETTINGS["threads"], system)
+    return run_child(python, args, SETTINGS["threads"], system, huge_pages(system, trl_huge_pages))
 
 
 def main() -> None:
@@ -179,6 +179,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
     p.add_argument("--trl-python", default=sys.executable, help="a Python with trl (and preftune) installed")
+    p.add_argument(
+        "--trl-huge-pages",
+        action="store_true",
+        help="give TRL's process torch's transparent huge pages too (preftune turns them on; torch's default: off)",
+    )
     p.add_argument("--child", choices=["trl", "preftune"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -193,7 +198,7 @@ def main() -> None:
     header = "| β | system | s/step | completions/s | generate (+ π_ref) s | train s | peak RSS MB |"
     print(header + "\n|---|---|---|---|---|---|---|")
     for beta in args.betas:
-        trl = measure("trl", args.trl_python, args.steps, beta)
+        trl = measure("trl", args.trl_python, args.steps, beta, args.trl_huge_pages)
         ours = measure("preftune", sys.executable, args.steps, beta)
         per_step = s["prompts_per_step"] * s["group_size"]
         for name, r in (("TRL GRPOTrainer", trl), ("preftune", ours)):

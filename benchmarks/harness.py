@@ -25,9 +25,17 @@ def report_child(run: Callable[[Path], dict], threads: int) -> None:
     print(PREFIX + json.dumps(result))
 
 
-def run_child(python: str, args: list[str], threads: int, what: str) -> dict:
-    """In the parent: ``python args...`` in a fresh process with ``threads`` threads; its reported result."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+def huge_pages(system: str, trl_too: bool = False) -> dict[str, str]:
+    """The environment that gives each system its own default allocator: preftune's CLI and ``import preftune``
+    (before torch) turn on torch's transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``); TRL runs with torch's
+    default (off) unless ``trl_too``. Set here because a benchmark child imports torch before preftune."""
+    return {"THP_MEM_ALLOC_ENABLE": "1" if system == "preftune" or trl_too else "0"}
+
+
+def run_child(python: str, args: list[str], threads: int, what: str, env: dict | None = None) -> dict:
+    """In the parent: ``python args...`` in a fresh process with ``threads`` threads (and ``env`` added to the
+    environment); its reported result."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     done = subprocess.run([python, *args], env=env, capture_output=True, text=True)
     line = [x for x in done.stdout.splitlines() if x.startswith(PREFIX)]
     if done.returncode != 0 or not line:

@@ -153,6 +153,12 @@ def test_bad_method_name():
         ({"training": {"lr_scheduler": "step"}}, "training.lr_scheduler"),
         ({"training": {"adam_betas": [0.9]}}, "training.adam_betas must have two values"),
         ({"training": {"report_to": ["mlflow"]}}, "unknown tracker 'mlflow'"),
+        ({"training": {"sharding": "zero3"}}, "training.sharding must be one of none, fsdp"),
+        ({"training": {"cpu_offload": True}}, "training.cpu_offload needs training.sharding: fsdp"),
+        (
+            {"training": {"reshard_after_forward": False}},
+            "training.reshard_after_forward: false needs training.sharding: fsdp",
+        ),
         ({"model": {"dtype": "int8"}}, "model.dtype"),
         ({"data": {"train": "x", "max_length": 64, "max_prompt_length": 64}}, "max_prompt_length"),
         ({"data": {"train": "x", "eval_fraction": 1.0}}, "eval_fraction"),

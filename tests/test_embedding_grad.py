@@ -75,3 +75,22 @@ def test_a_run_equals_the_dense_backward(tmp_path, tied_model_dir, monkeypatch):
     assert_weights_close(a, b, 1e-6)
     start = weights(tied_model_dir)
     assert not torch.equal(a["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # it trained
+
+
+def test_under_fsdp_the_rows_added_by_index_take_the_steps_of_one_process(
+    tmp_path, tied_model_dir, monkeypatch
+):
+    """FSDP2 reduce-scatters the root unit (embedding and tied head) in its callback at the end of the
+    backward, after the lookup has added its rows: 2 sharded processes (accumulation 2, the second micro-batch
+    split 2 + 1) take the steps of one process with the doubled batch and PyTorch's dense embedding backward,
+    the tied weight included."""
+    from test_sharding import LAUNCH2, _cli, _dpo, _max_diff, _write_config
+
+    data = write_jsonl(tmp_path / "p.jsonl", pair_records(7))
+    _cli(LAUNCH2, tmp_path, "train", _write_config(tmp_path, "two", _dpo(tied_model_dir, data, "fsdp", 2)))
+    monkeypatch.setattr(harness, "use_index_grad_embedding", lambda model: False)
+    train(_write_config(tmp_path, "one", _dpo(tied_model_dir, data, "none", 4)), log=quiet)
+    two, one = weights(tmp_path / "two/model"), weights(tmp_path / "one/model")
+    assert _max_diff(two, one) < 1e-5
+    start = weights(tied_model_dir)["model.embed_tokens.weight"]
+    assert float((one["model.embed_tokens.weight"] - start).abs().max()) > 1e-4  # the tied weight trained

@@ -127,11 +127,16 @@ def test_train_section_is_a_partial_train_config():
         experiment_config_from_dict({"train": {"lora": {"rr": 4}}})
 
 
-def test_presets_load():
+def test_presets_load(tmp_path, monkeypatch):
     quick = load_experiment_config("quick")
     full = load_experiment_config("full", ["seed=3"])
     assert {m.method for m in quick.methods} >= {"dpo", "odpo", "simpo", "ipo"}
     assert full.seed == 3 and all(len(m.betas) >= 3 for m in full.methods)
+    # `preftune experiment paper output_dir=paper` run again from the same folder: the output folder named
+    # like the preset is not taken for its config file
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()
+    assert load_experiment_config("quick") == quick
 
 
 def test_interrupted_training_stage_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):

@@ -7,7 +7,32 @@ Notebook API::
     run_dir = preftune.train(cfg)                                      # also a dict or a YAML path
 """
 
-from .config import TrainConfig, load_config, train_config_from_dict
+import os as _os
+
+
+def _huge_pages_for_tensors() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on tensors of 2 MB and more
+    (``THP_MEM_ALLOC_ENABLE``, read once, when torch makes its first tensor: so only when torch is not imported
+    yet). Every tensor above the trainer's mmap threshold (``engine.limit_heap_growth``) is faulted in afresh
+    each time it is allocated; huge pages fault it in 2 MB at a time instead of 4 KB, which made a DPO step
+    ~20% faster and a sharded one ~30% at the same peak memory (docs/benchmarks.md). Linux with THP only;
+    ``THP_MEM_ALLOC_ENABLE=0`` in the environment keeps torch's default."""
+    import sys
+
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return
+    except OSError:
+        return
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+_huge_pages_for_tensors()
+
+from .config import TrainConfig, load_config, train_config_from_dict  # noqa: E402
 
 __version__ = "0.1.0"
 

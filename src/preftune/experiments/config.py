@@ -120,7 +120,7 @@ def _preset_path(name: str) -> Path:
 
 def load_experiment_config(spec: str, overrides: list[str] | None = None) -> ExperimentConfig:
     """``spec`` is a preset name (:data:`PRESETS`) or a YAML path."""
-    path = _preset_path(spec) if spec in PRESETS and not Path(spec).exists() else Path(spec)
+    path = _preset_path(spec) if spec in PRESETS and not Path(spec).is_file() else Path(spec)
     raw = apply_overrides(read_yaml(path), overrides or [])
     return experiment_config_from_dict(raw, source=str(spec))
 

@@ -15,9 +15,11 @@ later all the same, the result is unchanged: the lookup then creates the zero ``
 accumulator adds the head's gradient in place. Rows of ``padding_idx`` get no gradient, as in
 ``nn.Embedding``.
 
-Only where nothing else reads the gradient as autograd produces it: one process, no sharding (DDP's and
-FSDP's hooks reduce a gradient when its accumulator runs, which would be before the lookup's rows are added),
-a plain ``nn.Embedding`` without ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, tied to the head, trained.
+Only where nothing else reads the gradient as autograd produces it: one process, or FSDP2 (the embedding and
+head are in the root unit, whose gradients FSDP2 reduce-scatters in its callback at the end of the backward,
+after the lookup's rows are added; the rows go into the gathered weight's ``.grad``), not DDP (its hooks
+all-reduce a gradient when its accumulator runs, before the lookup's rows are added); a plain ``nn.Embedding``
+without ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, tied to the head, trained.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class IndexGradEmbedding(torch.nn.Embedding):
 
 def use_index_grad_embedding(model: torch.nn.Module) -> bool:
     """Switch ``model``'s input embedding to :class:`IndexGradEmbedding` where that is exact (see the module
-    docstring; the caller checks one process and no sharding). Returns whether it did."""
+    docstring; the caller checks one process or FSDP2, no DDP). Returns whether it did."""
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     if get_in is None or get_out is None:

@@ -84,7 +84,7 @@ class StepHarness:
             self.model, self.optimizer = model, accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        if not self.sharded and accelerator.num_processes == 1:  # no reducer reads the gradient as it forms
+        if self.sharded or accelerator.num_processes == 1:  # no reducer reads the gradient as it forms
             use_index_grad_embedding(model)  # the tied embedding's rows added by index (embedding_grad.py)
         own = {id(p) for p in model.parameters()}
         self._extra_params = [p for p in params if id(p) not in own]  # a method's own (PPO's value head)

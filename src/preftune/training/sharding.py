@@ -55,8 +55,7 @@ SHARDED_DIR = "sharded"  # a checkpoint's DCP folder (model and optimizer shards
 CONFIG_DIR = "model_config"  # a checkpoint's model config, tokenizer and adapter config (no weights)
 EXPORT_FILE = "export.json"  # in CONFIG_DIR: how export rebuilds the model (kind, LoRA base)
 _RESHARD = "_preftune_reshard_after_forward"  # what shard_model set per unit (gathered() restores it)
-_GATHERED = "_preftune_gathered"  # set on the root inside gathered()
-_KEPT = "_preftune_head_kept"  # set on the root inside head_kept()
+_HELD = "_preftune_held"  # on the root: how many gathered() / head_kept() are open (no-grad forwards free nothing)
 
 
 def is_sharded(model) -> bool:
@@ -142,7 +141,9 @@ def _peer_comms():
 
         def __call__(self, output_tensor, input_tensor, group, async_op=False):
             parts = output_tensor.chunk(group.size())  # (world × shard,): rank r's shard at part r
-            parts[group.rank()].copy_(input_tensor)
+            mine = parts[group.rank()]
+            if mine.data_ptr() != input_tensor.data_ptr():  # FSDP2's input is that part of the output already
+                mine.copy_(input_tensor)
             exchange([input_tensor] * group.size(), parts, group)
             return None
 
@@ -155,8 +156,8 @@ def _peer_comms():
             parts = [p.contiguous() for p in input_tensor.chunk(world)]  # part q goes to rank q
             received = [parts[q] if q == rank else torch.empty_like(output_tensor) for q in range(world)]
             exchange(parts, received, group)
-            output_tensor.copy_(received[0])
-            for part in received[1:]:
+            torch.add(received[0], received[1], out=output_tensor)  # one pass, no copy first
+            for part in received[2:]:
                 output_tensor.add_(part)
             if op == dist.ReduceOp.AVG:
                 output_tensor.div_(world)
@@ -226,16 +227,28 @@ def head_kept(model: torch.nn.Module) -> Iterator[None]:
     if root is None:
         yield
         return
-    root.set_reshard_after_forward(False, recurse=False)
-    setattr(root, _KEPT, True)
     try:
-        yield
+        with _held(root, [root]):
+            yield
     finally:
-        setattr(root, _KEPT, False)
-        root.set_reshard_after_forward(getattr(root, _RESHARD, True), recurse=False)
         if not torch.is_grad_enabled():
             for unit in _units(root):
                 unit.reshard()
+
+
+@contextlib.contextmanager
+def _held(root: torch.nn.Module, units: list) -> Iterator[None]:
+    """Within, ``units`` keep their gathered parameters after a forward and :func:`_reshard_without_backward`
+    frees nothing; after, each unit frees them as :func:`_shard` set it to."""
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    setattr(root, _HELD, getattr(root, _HELD, 0) + 1)
+    try:
+        yield
+    finally:
+        setattr(root, _HELD, getattr(root, _HELD) - 1)
+        for unit in units:
+            unit.set_reshard_after_forward(getattr(unit, _RESHARD, True), recurse=False)
 
 
 def _reshard_without_backward(kept: list, model, args, output) -> None:
@@ -243,11 +256,7 @@ def _reshard_without_backward(kept: list, model, args, output) -> None:
     units that keep their gathered parameters for the backward: outside a forward/backward every unit is
     sharded, which the optimizer's state dict (by parameter identity) and the memory plan rely on. Not inside
     :func:`gathered`, whose decode loop must stay free of collectives, nor inside :func:`head_kept`."""
-    if (
-        not torch.is_grad_enabled()
-        and not getattr(model, _GATHERED, False)
-        and not getattr(model, _KEPT, False)
-    ):
+    if not torch.is_grad_enabled() and not getattr(model, _HELD, 0):
         for unit in kept:
             unit.reshard()
 
@@ -278,19 +287,14 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
         return
     units = _units(model)
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-    for unit in units:
-        unit.unshard()
-    setattr(model, _GATHERED, True)
     try:
-        with torch.no_grad():
+        with _held(model, units), torch.no_grad():
+            for unit in units:
+                unit.unshard()
             yield model
     finally:
-        setattr(model, _GATHERED, False)
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(getattr(unit, _RESHARD, True), recurse=False)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
