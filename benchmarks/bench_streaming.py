@@ -4,6 +4,12 @@ step; the reference runs on the fly, as streaming requires).
 
     python benchmarks/bench_streaming.py                   # a 2 GB JSONL (written to --dir, then deleted)
     python benchmarks/bench_streaming.py --size-gb 0.2 --keep
+    python benchmarks/bench_streaming.py --size-gb 0.02 --systems streamed cached trl
+
+``--systems``: ``streamed`` (``data.streaming: true``, the default), ``cached`` (not streamed: every record read,
+checked and tokenised up front into the token cache, then a second run that maps the cache), ``trl`` (TRL's
+DPOTrainer on the same JSONL through ``datasets``, which also tokenises every record before step 1; a fresh
+datasets cache, the reference on the fly as well).
 
 Goal (issue 15): the first step within 60 s, peak RSS at most the 64-pair run's + 0.5 GB. Each run is its own
 process (benchmarks/harness.py); "first step" is from the process start (imports, model load included) to the
@@ -51,20 +57,25 @@ def write_pairs(path: Path, *, size_bytes: float = 0, count: int = 0) -> int:
     return n
 
 
-def child(data: str, started: float) -> None:
-    """One streamed DPO step on ``data``, reported with the time to the end of step 1."""
+def child(mode: str, data: str, started: float) -> None:
+    """One DPO step on ``data`` (``mode``: streamed, cached or trl), reported with the time to the end of
+    step 1."""
 
     def run(tmp: Path) -> dict:
+        if mode == "trl":
+            return run_trl(data, tmp, started)
         from preftune.config import train_config_from_dict
         from preftune.training import train
 
+        streamed = mode == "streamed"
         cfg = train_config_from_dict(
             {
                 "method": "dpo",
-                "data": {"train": data, "streaming": True, "max_length": 128, "max_prompt_length": 64},
+                "data": {"train": data, "streaming": streamed, "max_length": 128, "max_prompt_length": 64,
+                         **({} if streamed else {"eval_fraction": 0.0})},
                 "training": {
                     "output_dir": str(tmp / "run"), "batch_size": 4, "max_steps": 1, "progress": False,
-                    "learning_rate": 1e-6,
+                    "learning_rate": 1e-6, "precompute_ref": False,
                 },
             }
         )  # fmt: skip
@@ -75,6 +86,35 @@ def child(data: str, started: float) -> None:
     report_child(run, threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+def run_trl(data: str, tmp: Path, started: float) -> dict:
+    """TRL's DPOTrainer, one step of 4 pairs from the JSONL, the settings of the preftune run."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from preftune.models import embedded_model_dir
+
+    model_dir = str(embedded_model_dir())
+    first: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            first.append(time.time() - started)
+
+    args = DPOConfig(
+        output_dir=str(tmp / "trl"), use_cpu=True, per_device_train_batch_size=4, max_steps=1,
+        learning_rate=1e-6, beta=0.1, max_length=128, save_strategy="no", report_to="none",
+        dataloader_num_workers=0, logging_steps=1,
+    )  # fmt: skip
+    train_set = load_dataset("json", data_files=data, split="train", cache_dir=str(tmp / "datasets"))
+    trainer = DPOTrainer(
+        model=model_dir, args=args, train_dataset=train_set, callbacks=[Stamp()],
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )  # fmt: skip
+    trainer.train()
+    return {"first_step_s": first[0], "total_s": time.time() - started}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,10 +123,11 @@ def main() -> None:
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the generated files go")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", nargs=2, metavar=("DATA", "STARTED"), help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="+", default=["streamed"], choices=["streamed", "cached", "trl"])
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "DATA", "STARTED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child[0], float(args.child[1]))
+        return child(args.child[0], args.child[1], float(args.child[2]))
     folder = Path(args.dir) / "preftune-bench-streaming"
     folder.mkdir(parents=True, exist_ok=True)
     small, large = folder / "pairs-64.jsonl", folder / f"pairs-{args.size_gb:g}gb.jsonl"
@@ -94,23 +135,37 @@ def main() -> None:
     began = time.time()
     n = write_pairs(large, size_bytes=args.size_gb * GB)
     print(f"wrote {large}: {large.stat().st_size / GB:.2f} GB, {n} pairs in {time.time() - began:.0f}s")
+    tokens = tempfile.TemporaryDirectory()  # a fresh token cache for the cached runs
+    env = {"PREFTUNE_TOKEN_CACHE": tokens.name, "TOKENIZERS_PARALLELISM": "true"}
     try:
         results = {}
-        for name, path in (("64 pairs", small), (f"{args.size_gb:g} GB", large)):
-            argv = [__file__, "--child", str(path), "0"]
+        runs = [("streamed", "64 pairs", small)]
+        for system in args.systems:
+            big = f"{args.size_gb:g} GB"
+            if system == "cached":
+                runs += [
+                    ("cached", f"{big} cached, 1st run", large),
+                    ("cached", f"{big} cached, 2nd run", large),
+                ]
+            else:
+                runs.append((system, f"{big} {system}", large))
+        for mode, name, path in runs:
+            argv = [__file__, "--child", mode, str(path), "0"]
             argv[-1] = repr(time.time())  # the child's clock starts at its launch
-            results[name] = run_child(sys.executable, argv, args.threads, name)
-            r = results[name]
+            results[name] = r = run_child(sys.executable, argv, args.threads, name, env)
             print(
-                f"{name:>10}: first step {r['first_step_s']:6.1f} s   peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
+                f"{name:>26}: first step {r['first_step_s']:7.1f} s   peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB",
+                flush=True,
             )
-        (base,), (big,) = [results["64 pairs"]], [results[f"{args.size_gb:g} GB"]]
-        extra = (big["peak_rss_mb"] - base["peak_rss_mb"]) / 1024
-        print(
-            f"streamed {args.size_gb:g} GB: first step {big['first_step_s']:.1f} s (goal <= 60), peak RSS "
-            f"{extra:+.2f} GB against 64 pairs (goal <= +0.5)"
-        )
+        if "streamed" in args.systems:
+            base, big = results["64 pairs"], results[f"{args.size_gb:g} GB streamed"]
+            extra = (big["peak_rss_mb"] - base["peak_rss_mb"]) / 1024
+            print(
+                f"streamed {args.size_gb:g} GB: first step {big['first_step_s']:.1f} s (goal <= 60), peak RSS "
+                f"{extra:+.2f} GB against 64 pairs (goal <= +0.5)"
+            )
     finally:
+        tokens.cleanup()
         if not args.keep:
             large.unlink(missing_ok=True)
             small.unlink(missing_ok=True)
