@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import report_child, run_child  # noqa: E402
+from harness import huge_pages, report_child, run_child  # noqa: E402
 
 GB = 1e9
 GOOD = ["great and wonderful", "a wonderful story", "great music and a great ending", "I loved it"]
@@ -102,11 +103,13 @@ def run_trl(data: str, tmp: Path, started: float) -> dict:
             first.append(time.time() - started)
 
     args = DPOConfig(
-        output_dir=str(tmp / "trl"), use_cpu=True, per_device_train_batch_size=4, max_steps=1,
+        output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        optim="adamw_torch_fused", per_device_train_batch_size=4, max_steps=1,
         learning_rate=1e-6, beta=0.1, max_length=128, save_strategy="no", report_to="none",
         dataloader_num_workers=0, logging_steps=1,
     )  # fmt: skip
-    train_set = load_dataset("json", data_files=data, split="train", cache_dir=str(tmp / "datasets"))
+    cache = str(Path(data).parent / "datasets-cache")  # under --dir; main() empties it before and after
+    train_set = load_dataset("json", data_files=data, split="train", cache_dir=cache)
     trainer = DPOTrainer(
         model=model_dir, args=args, train_dataset=train_set, callbacks=[Stamp()],
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -120,7 +123,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size-gb", type=float, default=2.0)
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the generated files go")
+    parser.add_argument(
+        "--dir", default=tempfile.gettempdir(), help="where the generated files and the runs' caches go"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=["streamed"], choices=["streamed", "cached", "trl"])
@@ -135,8 +140,10 @@ def main() -> None:
     began = time.time()
     n = write_pairs(large, size_bytes=args.size_gb * GB)
     print(f"wrote {large}: {large.stat().st_size / GB:.2f} GB, {n} pairs in {time.time() - began:.0f}s")
-    tokens = tempfile.TemporaryDirectory()  # a fresh token cache for the cached runs
-    env = {"PREFTUNE_TOKEN_CACHE": tokens.name, "TOKENIZERS_PARALLELISM": "true"}
+    caches = [folder / "token-cache", folder / "datasets-cache"]  # preftune's and TRL's, fresh for this run
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {"PREFTUNE_TOKEN_CACHE": str(caches[0])}
     try:
         results = {}
         runs = [("streamed", "64 pairs", small)]
@@ -152,7 +159,10 @@ def main() -> None:
         for mode, name, path in runs:
             argv = [__file__, "--child", mode, str(path), "0"]
             argv[-1] = repr(time.time())  # the child's clock starts at its launch
-            results[name] = r = run_child(sys.executable, argv, args.threads, name, env)
+            system = "trl" if mode == "trl" else "preftune"
+            results[name] = r = run_child(
+                sys.executable, argv, args.threads, name, {**env, **huge_pages(system)}
+            )
             print(
                 f"{name:>26}: first step {r['first_step_s']:7.1f} s   peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB",
                 flush=True,
@@ -165,7 +175,8 @@ def main() -> None:
                 f"{extra:+.2f} GB against 64 pairs (goal <= +0.5)"
             )
     finally:
-        tokens.cleanup()
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
         if not args.keep:
             large.unlink(missing_ok=True)
             small.unlink(missing_ok=True)

@@ -41,6 +41,25 @@ def test_the_gradients_equal_the_dense_backward_padding_rows_included(tiny_token
         torch.testing.assert_close(indexed(input_ids=batches[1]).logits, dense(input_ids=batches[1]).logits)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_bf16_repeats_of_a_row_are_summed_in_fp32_before_rounding(device):
+    """Under FSDP2 with bf16 the weight the lookup adds into is the gathered bf16 copy: a token repeated 4096
+    times gets its gradient summed in fp32 and rounded once (as the dense backward). On CPU ``index_add_``
+    accumulates bf16 in fp32 itself; on CUDA its bf16 atomics round at every add (these sums would stall near
+    256: not run here, no GPU)."""
+    emb = torch.nn.Embedding(50, 16).to(device, torch.bfloat16)
+    emb.__class__ = IndexGradEmbedding
+    ids = torch.full((4096,), 3, device=device)
+    ids[:100] = torch.arange(100, device=device) % 50
+    grad = torch.rand(4096, 16, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    emb(ids).backward(grad)  # the sums grow to ~2000, where bf16's spacing is 16
+    exact = torch.zeros(50, 16, dtype=torch.float64, device=device).index_add_(0, ids, grad.double())
+    assert float((emb.weight.grad.double() - exact).abs().max() / exact.abs().max()) < 5e-3
+
+
 def test_it_is_switched_on_only_where_exact(tiny_tokenizer):
     assert not use_index_grad_embedding(build_tiny_model(tiny_tokenizer))  # untied: nothing to save
     frozen = _tied(tiny_tokenizer)

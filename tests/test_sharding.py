@@ -21,6 +21,7 @@ The workers run in torchrun processes: this file is also their script (``python 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -599,6 +600,23 @@ def test_lora_under_fsdp_over_a_bf16_base_saves_the_adapter_whole_and_merges(dpo
     merged = _weights(dpo_runs / "lora2" / "model_merged")
     assert _max_diff(merged, _weights(dpo_runs / "lora1" / "model_merged")) == 0.0  # bf16, as stored
     assert (dpo_runs / "lora2" / "model_merged" / "adapter" / name).is_file()
+
+
+def test_full_fine_tuning_in_bf16_under_fsdp_trains_from_ln2(dpo_runs, tiny_model_dir):
+    """``mixed_precision: bf16`` over fp32 master weights (FSDP2 gathers bf16 copies): the response-only head
+    casts its input to the gathered weight's dtype, not the fp32 shard's (it failed with ``expected m1 and m2
+    to have the same dtype``); the first step's loss is ln 2 (policy = reference, both the sharded policy in
+    bf16), the loss falls, and the saved weights are fp32."""
+    extra = {"training": {"mixed_precision": "bf16", "save_every": 0, "learning_rate": 1e-2}}
+    config = _write_config(
+        dpo_runs, "bf16", _dpo(tiny_model_dir, dpo_runs / "pairs.jsonl", "fsdp", 4, **extra)
+    )
+    _cli(CLI, dpo_runs, "train", config)
+    losses = [r["loss"] for r in _metrics(dpo_runs / "bf16")]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0] - 0.05
+    trained = _weights(dpo_runs / "bf16" / "model")
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert _max_diff(trained, _weights(tiny_model_dir)) > 1e-3
 
 
 # --- GPUs (NCCL): skipped without them; run with python -m pytest -m gpu tests/test_sharding.py ----------------

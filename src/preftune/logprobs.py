@@ -47,7 +47,6 @@ def _head_on_positions(head: torch.nn.Module, source: torch.Tensor, shape: tuple
     positions — (M, H) instead of (N, T, H) — with autocast off and the input in the head's weight dtype;
     it must be called exactly once."""
     autocast_was = torch.is_autocast_enabled(device_type)
-    weight = getattr(head, "weight", None)
     calls: list[int] = []
 
     def before(module, args):
@@ -56,6 +55,8 @@ def _head_on_positions(head: torch.nn.Module, source: torch.Tensor, shape: tuple
             raise _NotFast
         calls.append(1)
         picked = hidden.reshape(-1, hidden.shape[-1])[source]  # (M, H)
+        # the weight as the forward sees it: under FSDP2 with bf16 the gathered bf16 copy, not the fp32 shard
+        weight = getattr(module, "weight", None)
         torch.set_autocast_enabled(device_type, False)
         return (picked.to(weight.dtype) if isinstance(weight, torch.Tensor) else picked,) + tuple(args[1:])
 

@@ -42,14 +42,19 @@ class _LookupIntoGrad(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         weight, padding_idx = ctx.module.weight, ctx.module.padding_idx
         rows = ids.reshape(-1)
-        grads = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
+        grads = grad_out.reshape(-1, grad_out.shape[-1])
         if padding_idx is not None:
             keep = rows != padding_idx
             rows, grads = rows[keep], grads[keep]
+        if weight.dtype != torch.float32:  # bf16 (FSDP2's gathered copy): sum a row's repeats in fp32 first,
+            # as the dense backward does, so each row is rounded once (and CUDA's bf16 atomics never collide)
+            rows, where = torch.unique(rows, return_inverse=True)
+            summed = grads.new_zeros((len(rows), grads.shape[-1]), dtype=torch.float32)
+            grads = summed.index_add_(0, where, grads.float())
         with torch.no_grad():
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
-            weight.grad.index_add_(0, rows, grads)
+            weight.grad.index_add_(0, rows, grads.to(weight.dtype))
         return None, None, None
 
 
