@@ -35,11 +35,25 @@ def validate_rows(
     ``prompt``; ``chosen`` and ``rejected`` are full conversations sharing a prefix, see
     :func:`preftune.data.tokenize.split_implicit_prompt`).
     """
-    problems: list[str] = []
-    for i, row in enumerate(rows):
-        problems.extend(row_problems(row, i, require_scores=require_scores, require_margin=require_margin))
+    raise_problems(pair_problems(rows, require_scores=require_scores, require_margin=require_margin), len(rows),
+                   max_errors)  # fmt: skip
+
+
+def pair_problems(
+    rows: list[dict], *, require_scores: bool = False, require_margin: bool = False
+) -> list[str]:
+    """Every problem of ``rows`` (:func:`row_problems` of each, in order)."""
+    return [
+        p
+        for i, row in enumerate(rows)
+        for p in row_problems(row, i, require_scores=require_scores, require_margin=require_margin)
+    ]
+
+
+def raise_problems(problems: list[str], rows: int, max_errors: int = MAX_SHOWN) -> None:
+    """One :class:`DataError` for ``problems`` found in ``rows`` rows (:func:`problems_message`), if any."""
     if problems:
-        raise DataError(problems_message(problems[:max_errors], len(problems), len(rows)))
+        raise DataError(problems_message(problems[:max_errors], len(problems), rows))
 
 
 def problems_message(shown: list[str], count: int, rows: int) -> str:

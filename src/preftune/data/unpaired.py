@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.data.checks import MAX_SHOWN, assistant_last, problems_message, text_fields
+from preftune.data.checks import MAX_SHOWN, assistant_last, raise_problems, text_fields
 from preftune.data.collate import pack_sequences
 from preftune.data.tokenize import (
     MAX_NAMED_DROPS,
@@ -55,9 +55,12 @@ def validate_unpaired_rows(rows: list[dict], *, max_errors: int = MAX_SHOWN) -> 
     """Check every unpaired row; raise one :class:`DataError` listing up to ``max_errors`` problems, each
     ``"<_source>: field '<name>': <what is wrong>"`` (a missing or non-boolean label, a missing or empty
     prompt or completion, a string prompt with a message-list completion, ...)."""
-    problems = [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
-    if problems:
-        raise DataError(problems_message(problems[:max_errors], len(problems), len(rows)))
+    raise_problems(unpaired_problems(rows), len(rows), max_errors)
+
+
+def unpaired_problems(rows: list[dict]) -> list[str]:
+    """Every problem of unpaired ``rows`` (:func:`unpaired_row_problems` of each, in order)."""
+    return [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
 
 
 def unpaired_row_problems(row: dict, i: int) -> list[str]:

@@ -21,9 +21,8 @@ def train_stage(ctx: Context, name: str, make_cfg, data: str, inputs: dict) -> N
     the experiment's model, resuming after a Ctrl-C; fingerprinted by ``inputs`` and the config."""
     from ..training import train
 
-    config = make_cfg("run").to_dict(
-        resolved=True
-    )  # what trains; no absolute paths: run folders stay movable
+    # what trains (unset method keys as filled in); no absolute paths: run folders stay movable
+    config = make_cfg("run").to_dict(resolved=True)
     for key in ("progress", "reshard_after_forward"):  # display; fsdp's memory against speed: the same steps
         config["training"].pop(key)
     inputs = {"model": ctx.model_id, "config": config, **inputs}

@@ -26,9 +26,9 @@ from ..data import (
     tokenize_rows,
     tokenize_unpaired_rows,
 )
-from ..data.checks import MAX_SHOWN, problems_message, row_problems
+from ..data.checks import pair_problems, raise_problems
 from ..data.prompts import PromptExample, PromptStats, tokenize_prompts, validate_prompt_rows
-from ..data.unpaired import unpaired_row_problems
+from ..data.unpaired import unpaired_problems
 from ..losses import OffsetDomainError, odpo_offset
 from ..models import load_tokenizer, resolve_model_path
 from ..rewards import RewardFunction, load_reward
@@ -347,17 +347,12 @@ def _check_rows(cfg: TrainConfig, splits: list[list[dict]], unpaired: bool) -> N
     m, problems = cfg.method_config, []
     for rows in splits:
         if unpaired:
-            problems += [p for i, row in enumerate(rows) for p in unpaired_row_problems(row, i)]
+            problems += unpaired_problems(rows)
             continue
         # a margin in some rows only would be used in some batches only: all rows of a split or none
         margin = m.kind == "reward_model" and m.use_margin and any(r.get("margin") is not None for r in rows)
-        problems += [
-            p
-            for i, row in enumerate(rows)
-            for p in row_problems(row, i, require_scores=m.requires_scores, require_margin=margin)
-        ]
-    if problems:
-        raise DataError(problems_message(problems[:MAX_SHOWN], len(problems), sum(map(len, splits))))
+        problems += pair_problems(rows, require_scores=m.requires_scores, require_margin=margin)
+    raise_problems(problems, sum(map(len, splits)))
 
 
 def _tokenize_split(cfg: TrainConfig, rows: list[dict], tokenizer, unpaired: bool):
