@@ -195,22 +195,46 @@ def test_equal_kl_single_point_inside_the_other_frontier():
     assert a["verdict"] == HELD and "at KL 2.00" in a["detail"]
 
 
-def test_equal_kl_nearest_points_within_noise():
-    # ODPO KLs 2.0, 2.2, 1.8; DPO 2.1, 2.0, 2.2: ΔKL −0.1, +0.2, −0.4 (mean −0.1, sd 0.3, se 0.173), within
-    # 2 se: the rewards compare directly, 1.30 − 1.25, 1.32 − 1.30, 1.29 − 1.27 = 0.05, 0.02, 0.02
+def test_equal_kl_nearest_points_shown_equal():
+    # ODPO KLs 2.00, 2.02, 2.00; DPO 2.01, 2.00, 1.99 (means 2.007 and 2.000: single points, no overlap);
+    # ΔKL −0.01, +0.02, +0.01: mean 0.0067, se 0.0088, |ΔKL| + t*(2)·se = 0.045 within ±10% of 2.0 (0.20):
+    # equal KL, so the rewards compare directly: 1.30 − 1.25, 1.32 − 1.30, 1.29 − 1.27 = 0.05, 0.02, 0.02
+    by_seed = [
+        *base_seeds(),
+        *seeds("odpo", 0.1, [1.30, 1.32, 1.29], [2.00, 2.02, 2.00]),
+        *seeds("dpo", 0.1, [1.25, 1.30, 1.27], [2.01, 2.00, 1.99]),
+    ]
+    (b,) = claim_odpo_vs_dpo(aggregate_seeds(by_seed), _units(by_seed))
+    assert b["basis"] == "nearest" and [v for _, v in b["per_unit"]] == pytest.approx([0.05, 0.02, 0.02])
+    assert b["verdict"] == NOT_SEPARABLE  # 0.03 ± 0.01: 0.03 < 4.303 · 0.01
+    assert b["difference"] == pytest.approx(0.03) and b["se"] == pytest.approx(0.01)
+    assert "equal within ±0.20 nats (ΔKL +0.01 ± 0.01, t*(2) = 4.30)" in b["detail"]
+    # the power line: sd 0.01·√3 = 0.01732; n seeds separate 0.03 once t*(n − 1)·0.01732/√n < 0.03
+    assert b["units_to_separate"] == 4  # t*(3)·0.01732/√4 = 0.0276 < 0.03; t*(2)·0.01732/√3 = 0.043
+    assert b["power"].startswith("4 seeds would separate d = +0.030")
+
+
+def test_equal_kl_needs_the_kl_gap_shown_small_not_merely_noisy():
+    # ΔKL −0.1, +0.2, −0.4 (mean −0.1, se 0.173): not shown to differ, but its interval (±0.84 at t*(2))
+    # reaches far past ±10% of the KL: not equal KL, whatever the rewards
     by_seed = [
         *base_seeds(),
         *seeds("odpo", 0.1, [1.30, 1.32, 1.29], [2.0, 2.2, 1.8]),
         *seeds("dpo", 0.1, [1.25, 1.30, 1.27], [2.1, 2.0, 2.2]),
     ]
     (b,) = claim_odpo_vs_dpo(aggregate_seeds(by_seed), _units(by_seed))
-    assert b["basis"] == "nearest" and [v for _, v in b["per_unit"]] == pytest.approx([0.05, 0.02, 0.02])
-    assert b["verdict"] == NOT_SEPARABLE  # 0.03 ± 0.01: 0.03 < 4.303 · 0.01
-    assert b["difference"] == pytest.approx(0.03) and b["se"] == pytest.approx(0.01)
-    assert "ΔKL -0.10 ± 0.17" in b["detail"]
-    # the power line: sd 0.01·√3 = 0.01732; n seeds separate 0.03 once t*(n − 1)·0.01732/√n < 0.03
-    assert b["units_to_separate"] == 4  # t*(3)·0.01732/√4 = 0.0276 < 0.03; t*(2)·0.01732/√3 = 0.043
-    assert b["power"].startswith("4 seeds would separate d = +0.030")
+    assert b["basis"] == "apart" and b["verdict"] == NOT_SEPARABLE
+    assert "ΔKL -0.10 ± 0.17, not within ±0.20 at t*" in b["detail"]
+    # a 0.7-nat gap whose seeds scatter (online DPO 2.0, 3.5, 3.5 against DPO's 0.8 and 2.3): once "equal
+    # within noise" and then held on its rewards; now apart
+    by_seed = [
+        *base_seeds(),
+        *seeds("dpo", 0.1, [1.20, 1.20, 1.20], [0.8, 0.8, 0.8]),
+        *seeds("dpo", 0.5, [1.30, 1.30, 1.30], [2.3, 2.3, 2.3]),
+        *seeds("online_dpo", 0.1, [1.40, 1.36, 1.39], [2.0, 3.5, 3.5]),
+    ]
+    (f,) = claim_online_vs_offline_dpo(aggregate_seeds(by_seed), _units(by_seed))
+    assert f["basis"] == "apart" and f["verdict"] == NOT_SEPARABLE
 
 
 def test_equal_kl_frontiers_apart_are_never_separable():
@@ -454,8 +478,8 @@ def test_false_held_rate_under_the_null_is_at_most_nominal(rho):
 def test_evaluate_claims_order_records_and_text():
     by_seed = [
         *base_seeds(),
-        *seeds("dpo", 0.1, [1.30, 1.31, 1.29], [1.5, 1.6, 1.4]),
-        *seeds("odpo", 0.1, [1.31, 1.30, 1.33], [1.55, 1.5, 1.6]),
+        *seeds("dpo", 0.1, [1.30, 1.31, 1.29], [1.50, 1.52, 1.49]),
+        *seeds("odpo", 0.1, [1.31, 1.30, 1.33], [1.52, 1.53, 1.51]),  # KLs equal within ±10%
         *seeds("simpo", 2.0, [1.2, 1.21, 1.19], [1.0] * 3, logp_agreement=0.6),
     ]
     claims = decide(by_seed)

@@ -140,14 +140,20 @@ def worker_blocks(model_dir: Path, out: Path) -> None:
     sharding.save_full(model, tokenizer, out / "full", is_main=rank == 0)
     probe = _rows(model.config.vocab_size)[:2, :6]
     with sharding.gathered(model):
+        with sharding.head_kept(model):  # nested: its exit must not free what gathered() still holds
+            model(input_ids=probe)
+        held = not any(type(p).__name__ == "DTensor" for p in model.parameters())
+        assert held, "head_kept inside gathered freed the units: the uneven decode below would hang"
         for _ in range(2 + 3 * rank):  # rank 1 decodes longer: no collective may run per forward
             logits = model(input_ids=probe).logits
+    freed = all(type(p).__name__ == "DTensor" for p in model.parameters())
     samples = _sample(model, 1 + 2 * rank)  # rank 1 samples 3 prompts one at a time, rank 0 one
     # π_ref beside a sharded policy: the starting weights read again and sharded like it
     reference = setup_reference(model, _cfg(), str(model_dir), policy_trained=False)
     ref_logps = reference.sequence_logps(probe, *_masks(probe))
     report = {"norms": norms, "logits": logits.tolist(), "samples": samples, "ref_logps": ref_logps.tolist()}
     report["ref_sharded"] = sharding.is_sharded(reference.frozen)
+    report["nested_hold"] = [held, freed]
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -309,6 +315,7 @@ def test_two_sharded_processes_equal_one_unsharded_then_reshard_to_one_and_expor
     )
     # π_ref: a sharded copy of the starting weights (not of the trained policy)
     assert reports[0]["ref_sharded"] and reports[0]["ref_logps"] == reports[1]["ref_logps"]
+    assert all(r["nested_hold"] == [True, True] for r in reports)  # held inside, freed after gathered()
     start = load_model(str(tiny_model_dir)).eval()
     probe = _rows(after_two.config.vocab_size)[:2, :6]
     with torch.no_grad():

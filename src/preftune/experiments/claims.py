@@ -44,10 +44,11 @@ The claims, each checked only when its methods are among the rows:
    frontier interpolated linearly in KL: per seed on that seed's own KLs (a seed's frontier is held flat
    beyond its own end points), per prompt with the seed's KLs (a fixed linear combination of the rewards);
    a single point inside the other's range: lo = hi, the gap at that KL;
-2. where they do not overlap but the nearest two points' KLs are equal within noise (|ΔKL| ≤ 2·se of the
-   paired ΔKL per unit: a screen, not a test, kept at 2 rather than t* since a KL gap biases the reward gap
-   towards the point further out), the reward gap of those two points; with one seed this needs the
-   per-sample KLs (``kl.json``), without which the frontiers count as apart;
+2. where they do not overlap but the nearest two points' KLs are shown equal (an equivalence test: the
+   paired ΔKL's confidence interval, |ΔKL| + t*·se, lies within ±``EQUAL_KL_MARGIN`` of their mean KL; a
+   ΔKL merely not shown to differ is not equal KL, since a KL gap biases the reward gap towards the point
+   further out), the reward gap of those two points; with one seed this needs the per-sample KLs
+   (``kl.json``), without which the frontiers count as apart;
 3. otherwise the reward gained over the base model per nat of KL at those two points, for information, and
    always "not separable": rewards at different KLs do not say which frontier is higher, and more units
    would not change that (the power line says to add β instead).
@@ -78,6 +79,7 @@ from .stats import (
 )
 
 SEED, PROMPT = "seed", "prompt"  # the units of replication
+EQUAL_KL_MARGIN = 0.1  # two points are "at equal KL" when ΔKL's interval is within ±10% of their mean KL
 UNIT_NAMES = {SEED: "seeds", PROMPT: "held-out prompts", "pair": "held-out pairs"}
 
 __all__ = [
@@ -344,13 +346,17 @@ def compare_at_equal_kl(
     ra, rb, key_a, key_b = a[i], b[j], ka[i], kb[j]
     panel["nearest"] = [[xa[i], ra["reward_mean"]], [xb[j], rb["reward_mean"]]]
     dkl = _per_unit(units, lambda t: _get(t, key_a, "kl_mean") - _get(t, key_b, "kl_mean"))
-    dk, sk, _ = paired(list(dkl.values()))
+    dk, sk, df = paired(list(dkl.values()))
     kls = f"KL {_point(ra)} {xa[i]:.2f} vs {_point(rb)} {xb[j]:.2f}"
-    if dk is not None and sk is not None and abs(dk) <= 2 * sk:
+    margin = EQUAL_KL_MARGIN * (xa[i] + xb[j]) / 2
+    if dk is not None and sk is not None and df and abs(dk) + critical_value(df) * sk <= margin:
         per_unit = _per_unit(units, lambda t: _get(t, key_a, "reward_mean") - _get(t, key_b, "reward_mean"))
-        detail = f"KL ranges do not overlap but {kls} are equal within noise (ΔKL {dk:+.2f} ± {sk:.2f}): reward gap"
+        detail = (
+            f"KL ranges do not overlap but {kls} are equal within ±{margin:.2f} nats (ΔKL {dk:+.2f} ± {sk:.2f},"
+            f" t*({df}) = {critical_value(df):.2f}): reward gap"
+        )
         return {"per_unit": per_unit, "basis": "nearest", "detail": detail, "panel": panel, "forced": None}
-    noise = "no per-unit KL" if sk is None else f"ΔKL {dk:+.2f} ± {sk:.2f}"
+    noise = "no per-unit KL" if sk is None else f"ΔKL {dk:+.2f} ± {sk:.2f}, not within ±{margin:.2f} at t*"
     detail = f"KL ranges do not overlap ({kls}, {noise}): rewards at different KLs do not say which frontier is higher"
     per_unit = {}
     if base is not None:
@@ -449,7 +455,7 @@ def claim_above_base(rows: list[dict], units: dict, unit: str = SEED) -> list[di
         kl = "-" if r.get("kl_mean") is None else f"{r['kl_mean']:.2f} ± {_num(r.get('kl_se'))}"
         detail = f"reward {r['reward_mean']:.3f} vs base {base['reward_mean']:.3f}, at KL {kl} nats"
         claims.append(
-            _paired_claim("c", "above the base model at bounded KL", _point(r), per_unit, unit, detail)
+            _paired_claim("c", "above the base model (its KL beside it)", _point(r), per_unit, unit, detail)
         )
     return claims
 

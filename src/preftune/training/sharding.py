@@ -56,6 +56,7 @@ CONFIG_DIR = "model_config"  # a checkpoint's model config, tokenizer and adapte
 EXPORT_FILE = "export.json"  # in CONFIG_DIR: how export rebuilds the model (kind, LoRA base)
 _RESHARD = "_preftune_reshard_after_forward"  # what shard_model set per unit (gathered() restores it)
 _HELD = "_preftune_held"  # on the root: how many gathered() / head_kept() are open (no-grad forwards free nothing)
+_HOLDS = "_preftune_holds"  # on each unit: how many gathered() / head_kept() keep it gathered now
 
 
 def is_sharded(model) -> bool:
@@ -232,23 +233,34 @@ def head_kept(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         if not torch.is_grad_enabled():
-            for unit in _units(root):
-                unit.reshard()
+            _release(_units(root))
 
 
 @contextlib.contextmanager
 def _held(root: torch.nn.Module, units: list) -> Iterator[None]:
     """Within, ``units`` keep their gathered parameters after a forward and :func:`_reshard_without_backward`
-    frees nothing; after, each unit frees them as :func:`_shard` set it to."""
+    frees nothing; after the outermost hold of a unit, it frees them as :func:`_shard` set it to. Holds nest
+    (``head_kept`` inside ``gathered`` or the reverse): each unit counts its open holds."""
     for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
+        if not getattr(unit, _HOLDS, 0):
+            unit.set_reshard_after_forward(False, recurse=False)
+        setattr(unit, _HOLDS, getattr(unit, _HOLDS, 0) + 1)
     setattr(root, _HELD, getattr(root, _HELD, 0) + 1)
     try:
         yield
     finally:
         setattr(root, _HELD, getattr(root, _HELD) - 1)
         for unit in units:
-            unit.set_reshard_after_forward(getattr(unit, _RESHARD, True), recurse=False)
+            setattr(unit, _HOLDS, getattr(unit, _HOLDS) - 1)
+            if not getattr(unit, _HOLDS):
+                unit.set_reshard_after_forward(getattr(unit, _RESHARD, True), recurse=False)
+
+
+def _release(units: list) -> None:
+    """Free the gathered parameters of every unit in ``units`` that no enclosing hold still keeps."""
+    for unit in units:
+        if not getattr(unit, _HOLDS, 0):
+            unit.reshard()
 
 
 def _reshard_without_backward(kept: list, model, args, output) -> None:
@@ -293,8 +305,7 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
                 unit.unshard()
             yield model
     finally:
-        for unit in units:
-            unit.reshard()
+        _release(units)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
