@@ -178,9 +178,10 @@ def _units(by_seed):
 
 
 def test_equal_kl_single_point_inside_the_other_frontier():
-    # PPO at KLs 2.0, 2.2, 1.8 (mean 2.0) inside DPO's 1 -> 3; DPO at KL 2 in each seed: the midpoint of its
-    # rewards, 1.40, 1.45, 1.35; PPO 1.30, 1.33, 1.26 -> gaps 0.10, 0.12, 0.09: d 0.1033, sd 0.01528,
-    # se 0.00882, 0.1033 > 4.303 · 0.00882 = 0.038: held
+    # PPO at KLs 2.0, 2.2, 1.8 (mean 2.0) inside DPO's 1 -> 3, read per seed at PPO's own KL: DPO 1.40
+    # (seed 0 at 2.0), 1.25 + 0.2·1.2 = 1.49 (seed 1 at 2.2), 1.15 + 0.2·0.8 = 1.31 (seed 2 at 1.8); PPO 1.30,
+    # 1.33, 1.26 -> gaps 0.10, 0.16, 0.05: d 0.1033, sd 0.0551, se 0.0318, 0.1033 < 4.303 · 0.0318: not
+    # separable (PPO's reward here does not follow its KL, DPO's does)
     by_seed = [
         *base_seeds(),
         *seeds("dpo", 0.5, [1.20, 1.25, 1.15], [1.0] * 3),
@@ -188,11 +189,12 @@ def test_equal_kl_single_point_inside_the_other_frontier():
         *seeds("ppo", 0.05, [1.30, 1.33, 1.26], [2.0, 2.2, 1.8]),
     ]
     (a,) = claim_dpo_vs_ppo(aggregate_seeds(by_seed), _units(by_seed))
-    assert a["basis"] == "overlap" and [v for _, v in a["per_unit"]] == pytest.approx([0.10, 0.12, 0.09])
+    assert a["basis"] == "overlap" and [v for _, v in a["per_unit"]] == pytest.approx([0.10, 0.16, 0.05])
+    mean = 0.31 / 3
     assert a["se"] == pytest.approx(
-        math.sqrt(((0.1 - 0.31 / 3) ** 2 + (0.12 - 0.31 / 3) ** 2 + (0.09 - 0.31 / 3) ** 2) / 2 / 3)
+        math.sqrt(((0.1 - mean) ** 2 + (0.16 - mean) ** 2 + (0.05 - mean) ** 2) / 2 / 3)
     )
-    assert a["verdict"] == HELD and "at KL 2.00" in a["detail"]
+    assert a["verdict"] == NOT_SEPARABLE and "at each seed's own KL of ppo (mean 2.00)" in a["detail"]
 
 
 def test_equal_kl_nearest_points_shown_equal():
@@ -285,6 +287,22 @@ def test_claim_f_online_dpo_vs_offline_dpo_on_the_default_pairs_only():
     assert claim_online_vs_offline_dpo(aggregate_seeds(without), _units(without)) == []
     no_offline = [r for r in by_seed if r["method"] != "dpo"]
     assert claim_online_vs_offline_dpo(aggregate_seeds(no_offline), _units(no_offline)) == []
+
+
+def test_a_one_point_frontier_is_compared_at_each_seeds_own_kl():
+    # offline DPO on one line in every seed, reward 1.0 + 0.2·KL (KL 1 and 2); online DPO at KLs 1.2, 1.9, 1.4
+    # (mean 1.5), rewards 0.01, 0.02, 0.015 above that line at its own KL: gaps 0.01, 0.02, 0.015, d 0.015,
+    # se 0.0029, held. Read at the mean KL 1.5 (1.30) in every seed instead, the gaps would be −0.05, +0.10,
+    # −0.005: the seeds' KL spread, not the methods' difference.
+    by_seed = [
+        *base_seeds(),
+        *seeds("dpo", 0.5, [1.2] * 3, [1.0] * 3),
+        *seeds("dpo", 0.1, [1.4] * 3, [2.0] * 3),
+        *seeds("online_dpo", 0.1, [1.25, 1.40, 1.295], [1.2, 1.9, 1.4]),
+    ]
+    (f,) = claim_online_vs_offline_dpo(aggregate_seeds(by_seed), _units(by_seed))
+    assert f["basis"] == "overlap" and [v for _, v in f["per_unit"]] == pytest.approx([0.01, 0.02, 0.015])
+    assert f["verdict"] == HELD and "at each seed's own KL of online_dpo (mean 1.50)" in f["detail"]
 
 
 def test_claim_b_per_pairs_setting_and_with_fewer_pairs():

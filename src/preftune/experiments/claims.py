@@ -43,7 +43,8 @@ The claims, each checked only when its methods are among the rows:
 1. where their KL ranges overlap (from the means), the mean over that range [lo, hi] of the reward gap, each
    frontier interpolated linearly in KL: per seed on that seed's own KLs (a seed's frontier is held flat
    beyond its own end points), per prompt with the seed's KLs (a fixed linear combination of the rewards);
-   a single point inside the other's range: lo = hi, the gap at that KL;
+   a single point inside the other's range: lo = hi, the gap at that KL — per seed at that seed's own KL of
+   the point, so a seed whose model moved further is read further along the other frontier;
 2. where they do not overlap but the nearest two points' KLs are shown equal (an equivalence test: the
    paired ΔKL's confidence interval, |ΔKL| + t*·se, lies within ±``EQUAL_KL_MARGIN`` of their mean KL; a
    ΔKL merely not shown to differ is not equal KL, since a KL gap biases the reward gap towards the point
@@ -330,6 +331,23 @@ def compare_at_equal_kl(
     def curve(table: dict, keys: list[str], rows: list[dict]) -> list[tuple[float, float]]:
         return [(kl_of(table, k, r), _get(table, k, "reward_mean")) for k, r in zip(keys, rows)]
 
+    point = a if len(a) == 1 else b if len(b) == 1 else None
+    if lo <= hi and lo == hi and point is not None and unit == SEED:
+        # one point inside the other frontier's range: per seed, the other read at that seed's own KL of it
+        pk = model_key(point[0])
+
+        def gap(t: dict) -> float:
+            x = _get(t, pk, "kl_mean")
+            return mean_over_range(curve(t, ka, a), x, x) - mean_over_range(curve(t, kb, b), x, x)
+
+        per_unit = _per_unit(units, gap)
+        name = name_a if point is a else name_b
+        detail = (
+            f"reward {name_a} − {name_b} at each seed's own KL of {name} (mean {lo:.2f}), each seed's frontier"
+            " interpolated linearly in KL"
+        )
+        panel["overlap"] = [lo, hi]
+        return {"per_unit": per_unit, "basis": "overlap", "detail": detail, "panel": panel, "forced": None}
     if lo <= hi:
         per_unit = _per_unit(
             units,
