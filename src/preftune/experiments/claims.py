@@ -332,28 +332,18 @@ def compare_at_equal_kl(
         return [(kl_of(table, k, r), _get(table, k, "reward_mean")) for k, r in zip(keys, rows)]
 
     point = a if len(a) == 1 else b if len(b) == 1 else None
-    if lo <= hi and lo == hi and point is not None and unit == SEED:
-        # one point inside the other frontier's range: per seed, the other read at that seed's own KL of it
-        pk = model_key(point[0])
+    if lo <= hi:
+        # one point inside the other frontier's range: per seed, both read at that seed's own KL of the point
+        own = model_key(point[0]) if lo == hi and point is not None and unit == SEED else None
 
         def gap(t: dict) -> float:
-            x = _get(t, pk, "kl_mean")
-            return mean_over_range(curve(t, ka, a), x, x) - mean_over_range(curve(t, kb, b), x, x)
+            x0, x1 = (_get(t, own, "kl_mean"),) * 2 if own else (lo, hi)
+            return mean_over_range(curve(t, ka, a), x0, x1) - mean_over_range(curve(t, kb, b), x0, x1)
 
         per_unit = _per_unit(units, gap)
-        name = name_a if point is a else name_b
-        detail = (
-            f"reward {name_a} − {name_b} at each seed's own KL of {name} (mean {lo:.2f}), each seed's frontier"
-            " interpolated linearly in KL"
-        )
-        panel["overlap"] = [lo, hi]
-        return {"per_unit": per_unit, "basis": "overlap", "detail": detail, "panel": panel, "forced": None}
-    if lo <= hi:
-        per_unit = _per_unit(
-            units,
-            lambda t: mean_over_range(curve(t, ka, a), lo, hi) - mean_over_range(curve(t, kb, b), lo, hi),
-        )
         where = f"at KL {lo:.2f}" if lo == hi else f"averaged over KL {lo:.2f}–{hi:.2f}"
+        if own:
+            where = f"at each seed's own KL of {name_a if point is a else name_b} (mean {lo:.2f})"
         interpolated = "each seed's frontier" if unit == SEED else "each frontier"
         detail = f"reward {name_a} − {name_b} {where}, {interpolated} interpolated linearly in KL"
         panel["overlap"] = [lo, hi]
@@ -367,7 +357,7 @@ def compare_at_equal_kl(
     dk, sk, df = paired(list(dkl.values()))
     kls = f"KL {_point(ra)} {xa[i]:.2f} vs {_point(rb)} {xb[j]:.2f}"
     margin = EQUAL_KL_MARGIN * (xa[i] + xb[j]) / 2
-    if dk is not None and sk is not None and df and abs(dk) + critical_value(df) * sk <= margin:
+    if dk is not None and sk is not None and abs(dk) + critical_value(df) * sk <= margin:
         per_unit = _per_unit(units, lambda t: _get(t, key_a, "reward_mean") - _get(t, key_b, "reward_mean"))
         detail = (
             f"KL ranges do not overlap but {kls} are equal within ±{margin:.2f} nats (ΔKL {dk:+.2f} ± {sk:.2f},"

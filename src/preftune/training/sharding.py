@@ -55,8 +55,8 @@ SHARDED_DIR = "sharded"  # a checkpoint's DCP folder (model and optimizer shards
 CONFIG_DIR = "model_config"  # a checkpoint's model config, tokenizer and adapter config (no weights)
 EXPORT_FILE = "export.json"  # in CONFIG_DIR: how export rebuilds the model (kind, LoRA base)
 _RESHARD = "_preftune_reshard_after_forward"  # what shard_model set per unit (gathered() restores it)
-_HELD = "_preftune_held"  # on the root: how many gathered() / head_kept() are open (no-grad forwards free nothing)
-_HOLDS = "_preftune_holds"  # on each unit: how many gathered() / head_kept() keep it gathered now
+_HOLDS = "_preftune_holds"  # on each unit: how many gathered() / head_kept() keep it gathered now (every
+# hold includes the root, so the root's count says whether no-grad forwards may free anything)
 
 
 def is_sharded(model) -> bool:
@@ -229,7 +229,7 @@ def head_kept(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     try:
-        with _held(root, [root]):
+        with _held([root]):
             yield
     finally:
         if not torch.is_grad_enabled():
@@ -237,7 +237,7 @@ def head_kept(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _held(root: torch.nn.Module, units: list) -> Iterator[None]:
+def _held(units: list) -> Iterator[None]:
     """Within, ``units`` keep their gathered parameters after a forward and :func:`_reshard_without_backward`
     frees nothing; after the outermost hold of a unit, it frees them as :func:`_shard` set it to. Holds nest
     (``head_kept`` inside ``gathered`` or the reverse): each unit counts its open holds."""
@@ -245,11 +245,9 @@ def _held(root: torch.nn.Module, units: list) -> Iterator[None]:
         if not getattr(unit, _HOLDS, 0):
             unit.set_reshard_after_forward(False, recurse=False)
         setattr(unit, _HOLDS, getattr(unit, _HOLDS, 0) + 1)
-    setattr(root, _HELD, getattr(root, _HELD, 0) + 1)
     try:
         yield
     finally:
-        setattr(root, _HELD, getattr(root, _HELD) - 1)
         for unit in units:
             setattr(unit, _HOLDS, getattr(unit, _HOLDS) - 1)
             if not getattr(unit, _HOLDS):
@@ -268,7 +266,7 @@ def _reshard_without_backward(kept: list, model, args, output) -> None:
     units that keep their gathered parameters for the backward: outside a forward/backward every unit is
     sharded, which the optimizer's state dict (by parameter identity) and the memory plan rely on. Not inside
     :func:`gathered`, whose decode loop must stay free of collectives, nor inside :func:`head_kept`."""
-    if not torch.is_grad_enabled() and not getattr(model, _HELD, 0):
+    if not torch.is_grad_enabled() and not getattr(model, _HOLDS, 0):
         for unit in kept:
             unit.reshard()
 
@@ -300,7 +298,7 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         return
     units = _units(model)
     try:
-        with _held(model, units), torch.no_grad():
+        with _held(units), torch.no_grad():
             for unit in units:
                 unit.unshard()
             yield model
