@@ -39,6 +39,27 @@ def _cfg(tmp_path, model_dir, **extra):
     return experiment_config_from_dict(raw)
 
 
+def _check_kl_against_slow_forwards(root, base_dir, name):
+    """kl.json (each sample's log π_θ − log π_ref; π_θ's term the sampler's own in fp32) against one plain
+    forward per sample of the trained model and of the base model; samples.jsonl keeps the sampler's log π_θ."""
+    from transformers import AutoModelForCausalLM
+
+    def logp(model, prompt, completion):
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
+        return float(torch.log_softmax(z, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).sum())
+
+    policy = AutoModelForCausalLM.from_pretrained(root / "train" / name / "run" / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    records = read_jsonl(root / "eval" / name / "samples.jsonl")
+    pairs = [(r["prompt_ids"], c, lp) for r in records for c, lp in zip(r["response_ids"], r["logps"])]
+    mine = [logp(policy, p, c) for p, c, _ in pairs]
+    assert [lp for _, _, lp in pairs] == pytest.approx(mine, abs=1e-4)
+    expected = [m - logp(base, p, c) for m, (p, c, _) in zip(mine, pairs)]
+    assert json.loads((root / "eval" / name / "kl.json").read_text()) == pytest.approx(expected, abs=1e-4)
+    assert max(abs(e) for e in expected) > 1e-3  # the model moved: the check is not of zeros
+
+
 def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
     logs: list[str] = []
     rows = run_experiment(_cfg(tmp_path, tiny_model_dir), log=logs.append)
@@ -66,6 +87,7 @@ def test_experiment_end_to_end_and_caching(tmp_path, tiny_model_dir):
     # SimPO loads no reference; DPO runs reuse the shared reference log-probs
     assert not (root / "train" / "simpo-gamma0.5-beta2" / "run" / "ref_logps.safetensors").exists()
     assert (root / "train" / "dpo-beta0.1" / "run" / "ref_logps.safetensors").exists()
+    _check_kl_against_slow_forwards(root, tiny_model_dir, "dpo-beta0.1")
 
     # a rerun skips every stage and gives the same rows
     logs.clear()

@@ -350,6 +350,18 @@ def test_claim_c_pairs_within_a_seed():
     assert dpo["power"] is None and "at KL 1.50" in dpo["detail"]
 
 
+def test_claim_c_says_which_seed_had_no_reward_and_pairs_over_the_rest():
+    # seed 1's DPO evaluation has no reward: the seed mean is None, and the claim is still there, paired over
+    # seeds 0 and 2 (+0.05, +0.04: d 0.045, se 0.005, df 1, t* 12.71: not separable), saying so
+    by_seed = [*base_seeds([1.10, 1.30, 0.90]), *seeds("dpo", 0.1, [1.15, None, 0.94], [1.5] * 3)]
+    (dpo,) = claim_above_base(aggregate_seeds(by_seed), _units(by_seed))
+    assert (dpo["n_units"], dpo["df"], dpo["verdict"]) == (2, 1, NOT_SEPARABLE)
+    assert dpo["difference"] == pytest.approx(0.045) and dpo["se"] == pytest.approx(0.005)
+    assert (
+        "reward - vs base" in dpo["detail"] and "no reward in seeds 1 (paired over the rest)" in dpo["detail"]
+    )
+
+
 def test_claim_d_kl_grows_as_beta_shrinks():
     by_seed = [
         *base_seeds(),

@@ -38,7 +38,7 @@ def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenize
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     gen = GenerationConfig(max_new_tokens=5, temperature=temperature, batch_size=4)
     pad = tiny_tokenizer.pad_token_id
-    groups = heldout.sample_groups(policy, prompts, 3, gen, eos_id=None, pad_id=pad, seed=3)
+    groups, sampled = heldout.sample_groups(policy, prompts, 3, gen, eos_id=None, pad_id=pad, seed=3)
     assert [len(g) for g in groups] == [3, 3, 3]
     got = heldout.log_ratios(
         policy,
@@ -49,13 +49,21 @@ def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenize
         batch_size=4,
         temperature=temperature,
     )
+    mine = [slow_logp(policy, p, c, temperature) for p, group in zip(prompts, groups) for c in group]
     expected = [
-        slow_logp(policy, p, c, temperature) - slow_logp(base, p, c, temperature)
-        for p, group in zip(prompts, groups)
-        for c in group
+        m - slow_logp(base, p, c, temperature)
+        for m, (p, c) in zip(mine, [(p, c) for p, g in zip(prompts, groups) for c in g])
     ]
     assert got == pytest.approx(expected, abs=1e-4)
     assert max(abs(e) for e in expected) > 1e-2  # two different models: the check is not of zeros
+    # the sampler's own log-probs are the policy's (fp32), and standing in for its pass give the same ratios
+    assert [lp for group in sampled for lp in group] == pytest.approx(mine, abs=1e-4)
+    assert heldout.sampler_logps_exact(policy, "no")
+    from_sampler = heldout.log_ratios(
+        None, Reference(base, "initial"), prompts, groups, pad_token_id=pad, batch_size=4,
+        temperature=temperature, policy_logps=sampled,
+    )  # fmt: skip
+    assert from_sampler == pytest.approx(expected, abs=1e-4)
     # the policy against itself: every log-ratio 0 (the base model's evaluation)
     same = heldout.log_ratios(
         base,
@@ -67,6 +75,14 @@ def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenize
         temperature=temperature,
     )
     assert same == pytest.approx([0.0] * 9, abs=1e-6)
+
+
+def test_sampler_logps_stand_in_only_in_fp32(models):
+    policy = models[0]
+    assert heldout.sampler_logps_exact(policy, "no")
+    assert not heldout.sampler_logps_exact(policy, "bf16")  # autocast: decode and forward round differently
+    assert not heldout.sampler_logps_exact(policy.to(torch.bfloat16), "no")
+    policy.to(torch.float32)
 
 
 def test_summary_is_clustered_by_prompt_and_skips_missing_rewards():

@@ -142,19 +142,21 @@ def test_training_log_probs_are_log_softmax_over_temperature(
 
     monkeypatch.setattr(module, "micro_batches", spy_micro)
     evaluated = {"policy": [], "ref": []}  # the held-out evaluator's (prompts, groups, sums) of each pass
-    real_groups, real_ref_groups = heldout.score_groups, Reference.score_groups
+    real_ratios, real_ref_groups = heldout.log_ratios, Reference.score_groups
 
-    def spy_groups(net, prompts, groups, **kw):
-        out = real_groups(net, prompts, groups, **kw)
-        evaluated["policy"].append((prompts, groups, out[0]))
-        return out
+    def spy_ratios(net, reference, prompts, groups, **kw):  # fp32: the policy's log-probs are the sampler's
+        assert kw["policy_logps"] is not None
+        evaluated["policy"].append(
+            (prompts, groups, torch.tensor([x for g in kw["policy_logps"] for x in g]))
+        )
+        return real_ratios(net, reference, prompts, groups, **kw)
 
     def spy_ref_groups(self, prompts, groups, **kw):
         out = real_ref_groups(self, prompts, groups, **kw)
         evaluated["ref"].append((prompts, groups, out))
         return out
 
-    monkeypatch.setattr(heldout, "score_groups", spy_groups)
+    monkeypatch.setattr(heldout, "log_ratios", spy_ratios)
     monkeypatch.setattr(Reference, "score_groups", spy_ref_groups)
     sections = {"data": {"eval_fraction": 0.2}, "training": {"max_steps": 1}}
     if method == "ppo" and head == "plain":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -277,6 +278,7 @@ class Samples:
     prompt_ids: list[list[int]]
     response_ids: list[list[list[int]]]
     responses: list[list[str]]
+    logps: list[list[float]] | None = None  # each sample's log-prob under the sampler (``logps=True``)
 
     @property
     def k(self) -> int:
@@ -291,13 +293,16 @@ class Samples:
         return [ids for group in self.response_ids for ids in group]
 
     def records(self, scores: list[float]) -> list[dict]:
-        """One record per prompt, ``{"prompt", "responses", "scores"}``, from flat scores."""
+        """One record per prompt, ``{"prompt", "responses", "scores"}`` (and ``"logps"`` when sampled with
+        them), from flat scores."""
         n = sum(len(rs) for rs in self.responses)
         if len(scores) != n:
             raise ValueError(f"got {len(scores)} scores for {n} responses")
         out, pos = [], 0
-        for prompt, rs in zip(self.prompts, self.responses):
+        for i, (prompt, rs) in enumerate(zip(self.prompts, self.responses)):
             out.append({"prompt": prompt, "responses": list(rs), "scores": list(scores[pos : pos + len(rs)])})
+            if self.logps is not None:
+                out[-1]["logps"] = list(self.logps[i])
             pos += len(rs)
         return out
 
@@ -314,6 +319,7 @@ def sample_responses(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    logps: bool = False,
 ) -> Samples:
     """Sample ``k`` continuations of each prompt (texts or message lists) and decode them.
 
@@ -328,6 +334,7 @@ def sample_responses(
         batch_size: rows (prompt copies) per batch.
         seed: completion j of prompt i uses ``derive_seed(seed, i, j)`` (independent of ``batch_size``).
         progress: show a tqdm bar with generated tokens/s.
+        logps: also keep each sample's log-prob log π(y|x) at ``temperature`` (:func:`sequence_logps_of`).
     """
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -340,13 +347,27 @@ def sample_responses(
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size
     )
-    response_ids = sample_ids(
-        model, prompt_ids, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, progress=progress
-    )
+    sequence_logps = None
+    if logps:
+        response_ids, token_logps = sample_ids_and_logps(
+            model, prompt_ids, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, progress=progress
+        )
+        sequence_logps = sequence_logps_of(token_logps)
+    else:
+        response_ids = sample_ids(
+            model, prompt_ids, k, gen, eos_id=eos_id, pad_id=pad_id, seed=seed, progress=progress
+        )
     responses = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in response_ids]
     return Samples(
-        prompts=list(prompts), prompt_ids=prompt_ids, response_ids=response_ids, responses=responses
-    )
+        prompts=list(prompts), prompt_ids=prompt_ids, response_ids=response_ids, responses=responses,
+        logps=sequence_logps,
+    )  # fmt: skip
+
+
+def sequence_logps_of(token_logps: list[list[list[float]]]) -> list[list[float]]:
+    """Each sample's log π(y|x), the sum of its tokens' log-probs from :func:`sample_ids_and_logps` (same
+    nesting, prompt then slot), summed in float64."""
+    return [[math.fsum(tokens) for tokens in group] for group in token_logps]
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict:

@@ -454,14 +454,20 @@ def claim_above_base(rows: list[dict], units: dict, unit: str = SEED) -> list[di
         return []
     claims, bk = [], model_key(base)
     for r in rows:
-        if r["method"] == "base" or r.get("reward_mean") is None:
+        if r["method"] == "base":
             continue
         key = model_key(r)
         per_unit = _per_unit(
             units, lambda t, key=key: _get(t, key, "reward_mean") - _get(t, bk, "reward_mean")
         )
         kl = "-" if r.get("kl_mean") is None else f"{r['kl_mean']:.2f} ± {_num(r.get('kl_se'))}"
-        detail = f"reward {r['reward_mean']:.3f} vs base {base['reward_mean']:.3f}, at KL {kl} nats"
+        detail = f"reward {_num(r.get('reward_mean'), 3)} vs base {base['reward_mean']:.3f}, at KL {kl} nats"
+        missing = [u for u in units if u not in per_unit]  # a model is never dropped without a word
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            detail += f"; no reward in {UNIT_NAMES.get(unit, unit)} {shown} (paired over the rest)"
         claims.append(
             _paired_claim("c", "above the base model (its KL beside it)", _point(r), per_unit, unit, detail)
         )

@@ -44,14 +44,18 @@ def prompts_stage(ctx: Context) -> None:
     ctx.stage("prompts", inputs, fn)
 
 
-def sample_and_score(ctx: Context, model, prompts: list[str], out: Path, *, k: int, sc, seed: int) -> dict:
+def sample_and_score(
+    ctx: Context, model, prompts: list[str], out: Path, *, k: int, sc, seed: int, logps: bool = False
+) -> dict:
     """``k`` samples per prompt from ``model`` (generation settings ``sc``), scored by the experiment's reward,
-    written to ``out/samples.jsonl`` (one record per prompt: texts, token ids, scores); returns a summary."""
+    written to ``out/samples.jsonl`` (one record per prompt: texts, token ids, scores, and with ``logps`` each
+    sample's log-prob under the sampler); returns a summary."""
     started = time.time()
     with ctx.compute():
         samples = sample_responses(
-            model, ctx.tokenizer, prompts, k=k, **generation_kwargs(sc), seed=seed, progress=ctx.cfg.progress
-        )
+            model, ctx.tokenizer, prompts, k=k, **generation_kwargs(sc), seed=seed, progress=ctx.cfg.progress,
+            logps=logps,
+        )  # fmt: skip
     flat_prompts, flat_responses = samples.flat()
     scores = ctx.reward(flat_prompts, flat_responses, samples.flat_ids())
     if None in scores:

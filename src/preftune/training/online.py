@@ -385,7 +385,7 @@ class _Evaluator:
         net = unwrap_model(model)
         prompt_ids = [e.prompt_ids for e in self.examples]
         with acc.autocast():
-            groups = heldout.sample_groups(
+            groups, sampled_logps = heldout.sample_groups(
                 net, prompt_ids, k, gen, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                 seed=derive_seed(s.cfg.training.seed, f"{s.cfg.method}-eval"),
                 progress=s.cfg.training.progress and acc.is_main_process,  # minutes on a CPU: say so
@@ -401,9 +401,11 @@ class _Evaluator:
         ratios = None  # π_θ = π_ref before the first step
         if not base:
             with acc.autocast():
+                exact = heldout.sampler_logps_exact(net, s.cfg.training.mixed_precision)
                 ratios = heldout.log_ratios(
                     net, self._ref(), prompt_ids, groups, pad_token_id=tok.pad_token_id,
                     batch_size=s.cfg.training.eval_batch_size, temperature=gen.temperature,
+                    policy_logps=sampled_logps if exact else None,
                 )  # fmt: skip
         row = heldout.summary(totals, heldout.clusters_of(groups), ratios)
         for name, values in per_function.items():
