@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from preftune import heldout
 from preftune.config import ConfigError
 from preftune.experiments.config import experiment_config_from_dict, load_experiment_config
 from preftune.experiments.pairs import label_by_median
@@ -245,7 +246,9 @@ def test_reward_model_is_not_an_experiment_method():
         experiment_config_from_dict({"methods": [{"method": "reward_model", "betas": [0.1]}]})
 
 
-def test_shared_reference_is_computed_like_the_training_runs_under_bf16(tmp_path, tiny_model_dir):
+def test_shared_reference_is_computed_like_the_training_runs_under_bf16(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """The runs on one set of pairs share their reference log-probs through train()'s cache in the
     experiment's folder: the first run computes them (with the training runs' weights and autocast), the
     second loads them, and each run's first DPO loss is ln 2 under bf16."""
@@ -255,7 +258,15 @@ def test_shared_reference_is_computed_like_the_training_runs_under_bf16(tmp_path
     cfg = _cfg(tmp_path, tiny_model_dir, methods=methods)
     cfg.train["mixed_precision"] = "bf16"
     logs: list[str] = []
+    precisions = []  # the held-out KL is told the autocast (bf16: the policy is re-scored, not the sampler's)
+    real_ratios = heldout.log_ratios
+    monkeypatch.setattr(
+        heldout,
+        "log_ratios",
+        lambda *a, **kw: precisions.append(kw["mixed_precision"]) or real_ratios(*a, **kw),
+    )
     run_experiment(cfg, log=logs.append)
+    assert precisions == ["bf16", "bf16"]
     root = tmp_path / "exp"
     for name in ("dpo-beta0.1", "dpo-beta0.5"):
         rows = (root / "train" / name / "run" / "metrics.jsonl").read_text().splitlines()

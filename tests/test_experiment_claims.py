@@ -357,9 +357,17 @@ def test_claim_c_says_which_seed_had_no_reward_and_pairs_over_the_rest():
     (dpo,) = claim_above_base(aggregate_seeds(by_seed), _units(by_seed))
     assert (dpo["n_units"], dpo["df"], dpo["verdict"]) == (2, 1, NOT_SEPARABLE)
     assert dpo["difference"] == pytest.approx(0.045) and dpo["se"] == pytest.approx(0.005)
-    assert (
-        "reward - vs base" in dpo["detail"] and "no reward in seeds 1 (paired over the rest)" in dpo["detail"]
-    )
+    assert "reward - vs base" in dpo["detail"]
+    assert "no reward (model's or base's) in seeds 1 (paired over the rest)" in dpo["detail"]
+    # the base model's seed 2 missing as well: its seed mean is None, the claim stands on seed 0 alone
+    by_seed[2]["reward_mean"] = None
+    (dpo,) = claim_above_base(aggregate_seeds(by_seed), _units(by_seed))
+    assert (dpo["n_units"], dpo["difference"], dpo["verdict"]) == (1, pytest.approx(0.05), NOT_SEPARABLE)
+    assert "vs base -" in dpo["detail"] and "in seeds 1, 2 (paired over the rest)" in dpo["detail"]
+    # no seed left: said so, not "paired over the rest"
+    none = by_seed[:3] + seeds("dpo", 0.1, [None] * 3, [1.5] * 3)
+    (dpo,) = claim_above_base(aggregate_seeds(none), _units(none))
+    assert dpo["n_units"] == 0 and "(no seeds to pair)" in dpo["detail"]
 
 
 def test_claim_d_kl_grows_as_beta_shrinks():

@@ -13,6 +13,8 @@ from preftune import heldout
 from preftune.config import GenerationConfig
 from preftune.training.reference import Reference
 
+real_score = heldout.score_groups
+
 
 def slow_logp(model, prompt: list[int], completion: list[int], temperature: float) -> float:
     """log softmax(z/T) summed over the completion, one plain unpadded forward in float64."""
@@ -33,7 +35,7 @@ def models(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenizer, temperature):
+def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenizer, temperature, monkeypatch):
     policy, base = models
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     gen = GenerationConfig(max_new_tokens=5, temperature=temperature, batch_size=4)
@@ -58,12 +60,25 @@ def test_log_ratios_equal_slow_forwards_at_the_temperature(models, tiny_tokenize
     assert max(abs(e) for e in expected) > 1e-2  # two different models: the check is not of zeros
     # the sampler's own log-probs are the policy's (fp32), and standing in for its pass give the same ratios
     assert [lp for group in sampled for lp in group] == pytest.approx(mine, abs=1e-4)
-    assert heldout.sampler_logps_exact(policy, "no")
+    calls = []
+    monkeypatch.setattr(heldout, "score_groups", lambda *a, **kw: calls.append(1) or real_score(*a, **kw))
     from_sampler = heldout.log_ratios(
-        None, Reference(base, "initial"), prompts, groups, pad_token_id=pad, batch_size=4,
-        temperature=temperature, policy_logps=sampled,
+        policy, Reference(base, "initial"), prompts, groups, pad_token_id=pad, batch_size=4,
+        temperature=temperature, sampled_logps=sampled,
     )  # fmt: skip
-    assert from_sampler == pytest.approx(expected, abs=1e-4)
+    assert from_sampler == pytest.approx(expected, abs=1e-4) and not calls  # fp32: no policy pass
+    # under bf16 autocast the sampler's numbers do not stand in: the policy is re-scored (wrong values ignored)
+    wrong = [[0.0] * len(group) for group in groups]
+    rescored = heldout.log_ratios(
+        policy, Reference(base, "initial"), prompts, groups, pad_token_id=pad, batch_size=4,
+        temperature=temperature, sampled_logps=wrong, mixed_precision="bf16",
+    )  # fmt: skip
+    assert calls == [1] and rescored == pytest.approx(got, abs=1e-12)
+    with pytest.raises(ValueError, match="nested"):
+        heldout.log_ratios(
+            policy, Reference(base, "initial"), prompts, groups, pad_token_id=pad, batch_size=4,
+            temperature=temperature, sampled_logps=[[0.0] * 9],
+        )  # fmt: skip
     # the policy against itself: every log-ratio 0 (the base model's evaluation)
     same = heldout.log_ratios(
         base,

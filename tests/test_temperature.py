@@ -145,9 +145,9 @@ def test_training_log_probs_are_log_softmax_over_temperature(
     real_ratios, real_ref_groups = heldout.log_ratios, Reference.score_groups
 
     def spy_ratios(net, reference, prompts, groups, **kw):  # fp32: the policy's log-probs are the sampler's
-        assert kw["policy_logps"] is not None
+        assert kw["sampled_logps"] is not None and kw["mixed_precision"] == "no"
         evaluated["policy"].append(
-            (prompts, groups, torch.tensor([x for g in kw["policy_logps"] for x in g]))
+            (prompts, groups, torch.tensor([x for g in kw["sampled_logps"] for x in g]))
         )
         return real_ratios(net, reference, prompts, groups, **kw)
 

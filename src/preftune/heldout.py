@@ -55,18 +55,24 @@ def log_ratios(
     pad_token_id: int,
     batch_size: int,
     temperature: float,
-    policy_logps: Sequence[Sequence[float]] | None = None,
+    sampled_logps: Sequence[Sequence[float]] | None = None,
+    mixed_precision: str = "no",
 ) -> list[float]:
     """log π_θ(y|x) − log π_ref(y|x) of every completion, flat in prompt order (prompt 0's k, then prompt
     1's, ...), both at ``temperature`` (T = 0, greedy samples, is taken at 1: the argmax has no density).
 
     ``policy`` is a model (run without gradients, its mode restored); ``reference`` a
     :class:`preftune.training.reference.Reference` (adapters off, a frozen copy, or the base model itself).
-    ``policy_logps`` (nested like ``groups``): log π_θ(y|x) already known, the sampler's own (see
-    :func:`sampler_logps_exact`); ``policy`` is then not run."""
+    ``sampled_logps`` (nested like ``groups``): each completion's log-prob under the sampler
+    (:func:`sample_groups`); it stands for the policy's pass when :func:`sampler_logps_exact` says so for
+    ``policy`` under ``mixed_precision`` (the autocast the samples were drawn in), else the policy is re-scored."""
     t = temperature or 1.0
-    if policy_logps is not None:
-        mine = torch.tensor([lp for group in policy_logps for lp in group], dtype=torch.float64)
+    if sampled_logps is not None and [len(g) for g in sampled_logps] != [len(g) for g in groups]:
+        raise ValueError(
+            f"sampled_logps are nested {[len(g) for g in sampled_logps]}, the completions {[len(g) for g in groups]}"
+        )
+    if sampled_logps is not None and sampler_logps_exact(policy, mixed_precision):
+        mine = torch.tensor([lp for group in sampled_logps for lp in group], dtype=torch.float64)
     else:
         with torch.no_grad():
             was_training = policy.training

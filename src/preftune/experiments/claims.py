@@ -449,7 +449,9 @@ def claim_odpo_vs_dpo(rows: list[dict], units: dict, unit: str = SEED) -> list[d
 
 def claim_above_base(rows: list[dict], units: dict, unit: str = SEED) -> list[dict]:
     """(c) every trained model's reward above the base model's, with its KL beside it."""
-    base = _base(rows)
+    base = next(
+        (r for r in rows if r["method"] == "base"), None
+    )  # its seed mean may be missing: paired per seed
     if base is None:
         return []
     claims, bk = [], model_key(base)
@@ -461,13 +463,16 @@ def claim_above_base(rows: list[dict], units: dict, unit: str = SEED) -> list[di
             units, lambda t, key=key: _get(t, key, "reward_mean") - _get(t, bk, "reward_mean")
         )
         kl = "-" if r.get("kl_mean") is None else f"{r['kl_mean']:.2f} ± {_num(r.get('kl_se'))}"
-        detail = f"reward {_num(r.get('reward_mean'), 3)} vs base {base['reward_mean']:.3f}, at KL {kl} nats"
+        reward, base_reward = _num(r.get("reward_mean"), 3), _num(base.get("reward_mean"), 3)
+        detail = f"reward {reward} vs base {base_reward}, at KL {kl} nats"
         missing = [u for u in units if u not in per_unit]  # a model is never dropped without a word
         if missing:
-            shown = ", ".join(map(str, missing[:5])) + (
-                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            name = UNIT_NAMES.get(unit, unit)
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            rest = "paired over the rest" if per_unit else f"no {name} to pair"
+            detail += (
+                f"; no reward (model's or base's) in {name} {', '.join(map(str, missing[:5]))}{more} ({rest})"
             )
-            detail += f"; no reward in {UNIT_NAMES.get(unit, unit)} {shown} (paired over the rest)"
         claims.append(
             _paired_claim("c", "above the base model (its KL beside it)", _point(r), per_unit, unit, detail)
         )

@@ -33,20 +33,20 @@ def evaluate_model(
     ``rewards.json``, ``kl.json``: each sample's log π_θ − log π_ref); returns the summary."""
     ec = ctx.cfg.eval
     seed = derive_seed(seed, "eval")  # its own stream: never the training samples' seeds
-    exact = model is not ctx.base and heldout.sampler_logps_exact(model, ctx.mixed_precision)
+    trained = model is not ctx.base
     summary = sample_and_score(
-        ctx, model, ctx.prompts(split), out, k=ec.samples_per_prompt, sc=ec, seed=seed, logps=exact
+        ctx, model, ctx.prompts(split), out, k=ec.samples_per_prompt, sc=ec, seed=seed, logps=trained
     )
     records = read_jsonl(out / "samples.jsonl")
     rewards = [s for r in records for s in r["scores"]]
     ids, groups = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
     ratios = None  # the base model is π_ref: log π_θ − log π_ref is 0 for every sample, no forward pass
-    if model is not ctx.base:
+    if trained:
         with ctx.compute():
             ratios = heldout.log_ratios(
                 model, ctx.reference, ids, groups, pad_token_id=ctx.tokenizer.pad_token_id,
                 batch_size=ec.logp_batch_size, temperature=ec.temperature,
-                policy_logps=[r["logps"] for r in records] if exact else None,  # the sampler's: no policy pass
+                sampled_logps=[r["logps"] for r in records], mixed_precision=ctx.mixed_precision,
             )  # fmt: skip
     numbers = heldout.summary(rewards, heldout.clusters_of(groups), ratios)
     summary.update(

@@ -401,11 +401,10 @@ class _Evaluator:
         ratios = None  # π_θ = π_ref before the first step
         if not base:
             with acc.autocast():
-                exact = heldout.sampler_logps_exact(net, s.cfg.training.mixed_precision)
                 ratios = heldout.log_ratios(
                     net, self._ref(), prompt_ids, groups, pad_token_id=tok.pad_token_id,
                     batch_size=s.cfg.training.eval_batch_size, temperature=gen.temperature,
-                    policy_logps=sampled_logps if exact else None,
+                    sampled_logps=sampled_logps, mixed_precision=s.cfg.training.mixed_precision,
                 )  # fmt: skip
         row = heldout.summary(totals, heldout.clusters_of(groups), ratios)
         for name, values in per_function.items():
