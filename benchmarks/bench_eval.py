@@ -14,23 +14,13 @@ import statistics
 import time
 
 import torch
+from bench_sampler import PROMPTS as OPENINGS  # the sampler benchmark's review openings
 
 from preftune.config import GenerationConfig
 from preftune.data.tokenize import prompt_ids as tokenize_prompt
 from preftune.heldout import sample_groups
 from preftune.logprobs import score_groups
 from preftune.models import embedded_model_dir, load_model, load_tokenizer
-
-OPENINGS = [
-    "The movie was",
-    "I watched this film last night and",
-    "Honestly, the acting in this one",
-    "My review of the sequel:",
-    "What surprised me most about the plot",
-    "The director's new picture is",
-    "From the opening scene I knew",
-    "This documentary",
-]
 
 
 def main() -> None:
