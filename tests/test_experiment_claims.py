@@ -251,7 +251,7 @@ def test_equal_kl_frontiers_apart_are_never_separable():
     expected = [(1.6 - x) - (1.5 - x) / k for x, k in zip(base, [3.0, 3.1, 2.9])]
     assert b["basis"] == "apart" and [v for _, v in b["per_unit"]] == pytest.approx(expected)
     assert b["difference"] > T2 * b["se"] and b["verdict"] == NOT_SEPARABLE  # beyond t*·se, still undecided
-    assert "do not overlap" in b["detail"] and "add β" in b["power"]
+    assert "do not overlap" in b["detail"] and "add points" in b["power"]
     rows = [r for r in aggregate_seeds(by_seed) if r["method"] != "base"]
     no_base = compare_at_equal_kl(frontier(rows, "odpo"), frontier(rows, "dpo"), _units(by_seed))
     assert no_base["per_unit"] == {} and no_base["forced"] == NOT_SEPARABLE

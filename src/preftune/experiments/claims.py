@@ -221,7 +221,10 @@ def _decided(claim, statement, scope, d, se, df, n, unit, detail, per_unit=None,
     needed, line = _power(d, se, n, unit, decided)
     if forced:
         name = UNIT_NAMES.get(unit, unit)
-        line = f"more {name} cannot decide it: the frontiers must meet in KL (add β so that their KL ranges overlap)"
+        line = (
+            f"more {name} cannot decide it: the frontiers must meet in KL (add points so that their KL ranges"
+            " overlap: β, or a learning rate or step count where β moves KL little)"
+        )
     return {
         "claim": claim,
         "statement": statement,
